@@ -38,16 +38,33 @@ def parse_override(text: str) -> tuple[list[str], Any]:
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
+    """Apply `--set` overrides in order; a numeric key indexes a list (`data.0.num_negatives=2`)."""
     for text in overrides or []:
         keys, value = parse_override(text)
-        node = data
-        for k in keys[:-1]:
+        node: Any = data
+        for depth, k in enumerate(keys):
+            last = depth == len(keys) - 1
+            if isinstance(node, list):
+                if not k.lstrip("-").isdigit():
+                    raise ConfigError(f"--set {text!r}: {'.'.join(keys[:depth]) or k!r} is a list; "
+                                      f"index it with a number, e.g. {'.'.join(keys[:depth])}.0")
+                index = int(k)
+                if not -len(node) <= index < len(node):
+                    raise ConfigError(f"--set {text!r}: index {index} out of range "
+                                      f"({'.'.join(keys[:depth])} has {len(node)} item(s))")
+                if last:
+                    node[index] = value
+                else:
+                    node = node[index]
+                continue
+            if not isinstance(node, dict):
+                raise ConfigError(f"--set {text!r}: {'.'.join(keys[:depth])!r} is not a section")
+            if last:
+                node[k] = value
+                continue
             if node.get(k) is None:
                 node[k] = {}
-            if not isinstance(node[k], dict):
-                raise ConfigError(f"--set {text!r}: {k!r} is not a section")
             node = node[k]
-        node[keys[-1]] = value
     return data
 
 
@@ -101,3 +118,103 @@ def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
         else:
             out[key] = value
     return out
+
+
+# --- command-line flags generated from a config model ---------------------------------------------
+# A stage's options are declared once, on its config model; its CLI flags are derived from the fields,
+# so a new option never needs a hand-written flag. Nested sections and dicts are set with
+# `--set a.b=c` or a `--config` YAML file.
+
+_NONE_WORDS = {"none", "null", "off"}
+
+
+def _flag_kind(annotation: Any) -> tuple[str, Any]:
+    """('bool' | 'scalar' | 'list' | 'skip', choices) for a field's annotation."""
+    import types
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        if len(args) == 1:
+            return _flag_kind(args[0])
+        if all(a in (str, int, float) for a in args):
+            return "scalar", None
+        if any(typing.get_origin(a) is list for a in args):
+            inner = next(a for a in args if typing.get_origin(a) is list)
+            return _flag_kind(inner)
+        return "skip", None
+    if annotation is bool:
+        return "bool", None
+    if annotation in (str, int, float):
+        return "scalar", None
+    if origin is typing.Literal:
+        return "scalar", [str(a) for a in typing.get_args(annotation)]
+    if origin is list:
+        (inner,) = typing.get_args(annotation) or (str,)
+        kind, choices = _flag_kind(inner)
+        return ("list", choices) if kind == "scalar" else ("skip", None)
+    return "skip", None
+
+
+def add_config_flags(parser, model_cls: type[BaseModel], *, required: tuple[str, ...] = (),
+                     skip: tuple[str, ...] = (), config_file: bool = True) -> None:
+    """One `--field-name` flag per scalar, literal, bool and list field of `model_cls`.
+
+    Flags that are not given leave no trace (argparse.SUPPRESS), so the layering is always
+    `--config` YAML < flags < `--set`. `none`/`null`/`off` set an optional field to null.
+    """
+    import argparse
+
+    for name, field in model_cls.model_fields.items():
+        if name in skip:
+            continue
+        kind, choices = _flag_kind(field.annotation)
+        if kind == "skip":
+            continue
+        flag = "--" + name.replace("_", "-")
+        text = (field.description or "").strip()
+        if not field.is_required() and name not in required:
+            default = field.get_default(call_default_factory=True)
+            text = f"{text} (default: {default})" if text else f"default: {default}"
+        kwargs: dict[str, Any] = {"dest": name, "default": argparse.SUPPRESS, "help": text}
+        if kind == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, **kwargs)
+            continue
+        if choices:
+            kwargs["choices"] = choices + sorted(_NONE_WORDS if _is_optional(field.annotation) else [])
+            kwargs["metavar"] = "{" + ",".join(choices) + "}"
+        if kind == "list":
+            kwargs["nargs"] = "+"
+        if name in required:
+            kwargs["required"] = True
+        parser.add_argument(flag, **kwargs)
+    if config_file:
+        parser.add_argument("--config", default=None, metavar="YAML", help="YAML file with the stage's settings")
+        parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                            help="override any setting, nested ones too (a.b=c, data.0.path=x); repeatable")
+
+
+def _is_optional(annotation: Any) -> bool:
+    import typing
+
+    return type(None) in typing.get_args(annotation)
+
+
+def flags_given(model_cls: type[BaseModel], args: Any) -> dict[str, Any]:
+    """The config keys the user gave as flags; `none`/`null`/`off` become None."""
+    out: dict[str, Any] = {}
+    for name in model_cls.model_fields:
+        if not hasattr(args, name):
+            continue
+        value = getattr(args, name)
+        if isinstance(value, str) and value.lower() in _NONE_WORDS:
+            value = None
+        out[name] = value
+    return out
+
+
+def config_from_args(model_cls: type[T], args: Any, *, extra: dict[str, Any] | None = None) -> T:
+    """`--config` YAML < `extra` (values the command computed) < flags < `--set`, validated."""
+    base = _deep_merge(extra or {}, flags_given(model_cls, args))
+    return load_config(model_cls, getattr(args, "config", None), getattr(args, "overrides", None), base=base)
