@@ -139,11 +139,11 @@ SCENARIOS = {
 
 
 def worker_ours(root: Path, scenario: str, out: Path) -> None:
-    from embedforge.merge import MergeConfig, merge_checkpoints
+    from embedforge.merge import MergeConfig, merge
 
     models, base, method, _ = SCENARIOS[scenario]
     kwargs = {"t": 0.5} if method == "slerp" and len(models) == 2 else {"weights": [1.0] * len(models)}
-    merge_checkpoints(
+    merge(
         MergeConfig(
             models=[root / m for m in models],
             base=root / base if base else None,

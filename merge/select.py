@@ -8,7 +8,6 @@ the best merge so far and the current candidate are on disk at any time; the win
 
 from __future__ import annotations
 
-import dataclasses
 import math
 import os
 import shutil
@@ -19,7 +18,9 @@ from pathlib import Path
 
 from embedforge.errors import ConfigError, InputError
 from embedforge.io import atomic_dir, write_json
-from embedforge.merge.stage import REPORT_NAME, MergeConfig, MergeReport, merge_checkpoints
+from embedforge.merge.config import MergeConfig
+from embedforge.merge.stage import REPORT_NAME, MergeOutcome, merge
+from embedforge.merge.stream import publishable
 
 
 @dataclass
@@ -28,7 +29,7 @@ class TSelection:
     best_score: float
     scores: list[tuple[float, float]]
     """(t, score) for every grid point, in grid order."""
-    report: MergeReport
+    report: MergeOutcome
     """The merge report of the chosen model."""
 
 
@@ -55,14 +56,15 @@ def select_t(
         raise InputError("output folder exists; pass --overwrite to replace it", path=str(output))
     output.parent.mkdir(parents=True, exist_ok=True)
     scratch = Path(tempfile.mkdtemp(prefix=f".{output.name}.select-", dir=output.parent))
-    best: tuple[float, float, Path, MergeReport] | None = None
+    best: tuple[float, float, Path, MergeOutcome] | None = None
     scores: list[tuple[float, float]] = []
     try:
         for t in grid:
             candidate = scratch / f"t={t:g}"
-            report = merge_checkpoints(
-                dataclasses.replace(
-                    config, t=float(t), output=candidate, overwrite=False, report=None, dry_run=False
+            report = merge(
+                config.model_copy(
+                    update={"t": float(t), "output": str(candidate), "overwrite": False, "report": None,
+                            "dry_run": False}
                 )
             )
             score = float(evaluate(candidate))
@@ -77,13 +79,15 @@ def select_t(
             else:
                 shutil.rmtree(candidate)
         assert best is not None
-        report = dataclasses.replace(best[3], output=str(output))
+        report = best[3].model_copy(update={"output": str(output)})
         with atomic_dir(output, overwrite=config.overwrite) as tmp:
             for entry in best[2].iterdir():
                 os.replace(entry, tmp / entry.name)
             write_json(tmp / REPORT_NAME, {**report.to_dict(), "t_selection": scores})
+            publishable(tmp)
         if config.report is not None:
             write_json(config.report, {**report.to_dict(), "t_selection": scores})
+            os.chmod(config.report, 0o644)
         return TSelection(best_t=best[0], best_score=best[1], scores=scores, report=report)
     finally:
         shutil.rmtree(scratch, ignore_errors=True)

@@ -1,6 +1,6 @@
 """The merge stage: several checkpoints (full folders or LoRA adapters) in, one model folder out.
 
-`merge_checkpoints` streams tensor by tensor: for each tensor name it reads that tensor from every
+`merge` streams tensor by tensor: for each tensor name it reads that tensor from every
 input, computes the merge coefficients from their Gram matrix (methods.py), writes the result into
 the output shard (stream.py), records the cosines (diagnostics.py), and lets go of it. The output
 folder appears only when complete (embedforge.io.atomic_dir).
@@ -12,149 +12,57 @@ import json
 import os
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 
-from embedforge.errors import ConfigError, InputError
+from embedforge.errors import InputError
 from embedforge.io import atomic_dir, write_json
 from embedforge.merge import methods
+from embedforge.merge.config import MergeConfig
 from embedforge.merge.diagnostics import CosineTracker
 from embedforge.merge.lora import LoraCheckpoint, is_lora_adapter, resolve_lora_base
-from embedforge.merge.schedule import Schedule, TSchedule, num_layers
+from embedforge.merge.schedule import TSchedule, num_layers
 from embedforge.merge.stream import (
-    DEFAULT_MAX_SHARD_BYTES,
     SafetensorsCheckpoint,
     ShardedWriter,
     TensorInfo,
     TensorSource,
     check_compatible,
     copy_support_files,
+    publishable,
 )
+from embedforge.outcome import StageOutcome
+from embedforge.provenance import read_provenance, write_provenance
 
-METHODS = ("slerp", "lerp", "linear")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 REPORT_NAME = "merge_report.json"
 
 
-@dataclass
-class MergeConfig:
-    """What to merge and how.
-
-    Args:
-        models: checkpoint folders (safetensors, sharded or not) or peft LoRA adapter folders, which
-            are folded into their base first.
-        output: the folder to create; refused if it exists unless `overwrite`.
-        method: "slerp" (2 models: slerp at t; N models: weighted spherical average),
-            "lerp" (2 models, (1-t) A + t B) or "linear" (weighted average of N >= 1 models).
-        t: for two models, the weight of the second: a number or anchors over depth ("0,0.5,1").
-            Defaults to 0.5 when neither t nor weights is given.
-        weights: one non-negative weight per model (normalised to sum to 1); excludes t.
-        base: a common starting checkpoint; the merge then combines the deltas model - base
-            (the variant in which slerp differs from lerp for checkpoints of one run).
-        schedule_attention / schedule_mlp: anchors over depth for attention / MLP tensors,
-            overriding t there (two models only).
-        dtype: output dtype for floating tensors ("float32", "bfloat16", "float16"); default:
-            the first model's.
-        lora_base: base folder for LoRA adapters whose recorded base is not a local folder.
-        report: also write the report JSON here.
-        dry_run: compute the cosine report only; write no model.
-    """
-
-    models: Sequence[str | os.PathLike]
-    output: str | os.PathLike | None = None
-    method: str = "slerp"
-    t: float | str | Sequence[float] | None = None
-    weights: Sequence[float] | None = None
-    base: str | os.PathLike | None = None
-    schedule_attention: float | str | Sequence[float] | None = None
-    schedule_mlp: float | str | Sequence[float] | None = None
-    dtype: str | None = None
-    lora_base: str | os.PathLike | None = None
-    overwrite: bool = False
-    max_shard_bytes: int = DEFAULT_MAX_SHARD_BYTES
-    dot_threshold: float = methods.DOT_THRESHOLD
-    report: str | os.PathLike | None = None
-    dry_run: bool = False
-    show_progress: bool = True
-
-    def __post_init__(self) -> None:
-        self.models = [Path(m) for m in self.models]
-        n = len(self.models)
-        if self.method not in METHODS:
-            raise ConfigError(f"unknown merge method {self.method!r}; choose one of {', '.join(METHODS)}")
-        if n == 0:
-            raise ConfigError("no models to merge")
-        if self.method == "lerp" and n != 2:
-            raise ConfigError(f"lerp merges exactly two models, got {n}; use --method linear for more")
-        if self.method == "slerp" and n < 2:
-            raise ConfigError("slerp needs at least two models")
-        if self.t is not None and self.weights is not None:
-            raise ConfigError("give either t or weights, not both")
-        if self.weights is not None:
-            if len(self.weights) != n:
-                raise ConfigError(f"{len(self.weights)} weights for {n} models")
-            try:
-                self.weights = methods.normalize_weights(self.weights)
-            except ValueError as exc:
-                raise ConfigError(str(exc)) from None
-        scheduled = self.t is not None or self.schedule_attention is not None or self.schedule_mlp is not None
-        if scheduled and n != 2:
-            raise ConfigError(f"t and layer schedules need exactly two models (got {n}); use weights instead")
-        if scheduled and self.weights is not None:
-            raise ConfigError("layer schedules and weights cannot be combined")
-        if self.dtype is not None and self.dtype not in DTYPES:
-            raise ConfigError(f"unknown dtype {self.dtype!r}; choose one of {', '.join(DTYPES)}")
-        if not 0.0 < self.dot_threshold <= 1.0:
-            raise ConfigError(f"dot_threshold must lie in (0, 1], got {self.dot_threshold}")
-        if self.output is None and not self.dry_run:
-            raise ConfigError("an output folder is required (or dry_run)")
-        if self.output is not None:
-            self.output = Path(self.output)
-            inputs = [*self.models, *([Path(self.base)] if self.base is not None else [])]
-            if any(self.output.resolve() == p.resolve() for p in inputs):
-                raise ConfigError(f"the output folder {self.output} is one of the inputs")
-        self.base = Path(self.base) if self.base is not None else None
-        self.lora_base = Path(self.lora_base) if self.lora_base is not None else None
-        self.t_schedule()  # parse and range-check t and the schedules now, not mid-merge
-
-    def t_schedule(self) -> TSchedule | None:
-        """The per-tensor t for two models, or None when N-model weights are used."""
-        if self.weights is not None or len(self.models) != 2:
-            return None
-        parse = Schedule.parse
-        return TSchedule(
-            default=parse(0.5 if self.t is None else self.t),
-            attention=parse(self.schedule_attention) if self.schedule_attention is not None else None,
-            mlp=parse(self.schedule_mlp) if self.schedule_mlp is not None else None,
-        )
-
-
-@dataclass
-class MergeReport:
+class MergeOutcome(StageOutcome):
     """What was merged, where it went, and how alike the inputs were (see diagnostics.py)."""
 
+    output: str | None = Field(None, description="the merged model folder; None for a dry run")
     method: str
     models: list[str]
     base: str | None
-    output: str | None
-    weights: list[float] | None
-    t: dict[str, Any] | None
+    weights: list[float] | None = Field(description="normalised to sum to 1; None when t is used")
+    t: dict[str, Any] | None = Field(description="anchors of the default, attention and MLP schedules")
     dtype: str | None
     tensors: int
     parameters: int
     bytes_written: int
     files: list[str]
-    slerp_fallback_fraction: float | None
-    """Share of parameters where the slerp method fell back to lerp (None for lerp/linear)."""
+    slerp_fallback_fraction: float | None = Field(
+        description="share of parameters where slerp fell back to lerp (None for lerp/linear)")
+    dropped_remote_code: list[str] = Field(default_factory=list)
     seconds: float
     cosines: dict[str, Any]
-    warnings: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
+        return self.model_dump(mode="json")
 
 
 def open_model(path: Path, lora_base: Path | None = None) -> TensorSource:
@@ -199,19 +107,25 @@ def _merge_tensor(
     return methods.combine(tensors, coefficients, out_dtype=out_dtype), fallback
 
 
-def merge_checkpoints(config: MergeConfig, on_tensor: Callable[[str], None] | None = None) -> MergeReport:
+def merge(config: MergeConfig, on_tensor: Callable[[str], None] | None = None) -> MergeOutcome:
     """Merge `config.models` into `config.output`; `on_tensor(name)` is called after each tensor.
 
+    The output folder appears only when complete; it holds the merged weights, the first model's
+    config and tokenizer files (never its remote code), `merge_report.json` and `provenance.json`
+    (the inputs' trail plus this merge).
+
     Example:
-        >>> report = merge_checkpoints(MergeConfig(models=["ckpt-1000", "ckpt-2000"], base="base",
-        ...                                        method="slerp", t=0.5, output="merged"))
-        >>> report.cosines["parallel_fraction"]  # share of parameters where slerp was just lerp
+        >>> outcome = merge(MergeConfig(models=["ckpt-1000", "ckpt-2000"], base="base", t=0.5, output="merged"))
+        >>> outcome.cosines["parallel_fraction"]  # share of parameters where slerp was just lerp
     """
+    config.check_ready()
     started = time.perf_counter()
-    if config.output is not None and not config.dry_run and config.output.exists() and not config.overwrite:
-        raise InputError("output folder exists; pass --overwrite to replace it", path=str(config.output))
-    sources = [open_model(path, config.lora_base) for path in config.models]
-    base_source = open_model(config.base, config.lora_base) if config.base is not None else None
+    output = Path(config.output) if config.output is not None else None
+    if output is not None and not config.dry_run and output.exists() and not config.overwrite:
+        raise InputError("output folder exists; pass --overwrite to replace it", path=str(output))
+    lora_base = Path(config.lora_base) if config.lora_base is not None else None
+    sources = [open_model(Path(path), lora_base) for path in config.models]
+    base_source = open_model(Path(config.base), lora_base) if config.base is not None else None
     warnings = check_compatible([*sources, *([base_source] if base_source is not None else [])])
     lora_bases = sorted({str(s.base.path.resolve()) for s in sources if isinstance(s, LoraCheckpoint)})
     if len(lora_bases) > 1:
@@ -219,6 +133,7 @@ def merge_checkpoints(config: MergeConfig, on_tensor: Callable[[str], None] | No
     infos = sources[0].infos()
     n_layers = num_layers(infos)
     schedule = config.t_schedule()
+    weights = config.normalized_weights()
     out_dtype = DTYPES[config.dtype] if config.dtype else None
     out_infos = [
         TensorInfo(
@@ -229,7 +144,7 @@ def merge_checkpoints(config: MergeConfig, on_tensor: Callable[[str], None] | No
         for name, info in infos.items()
     ]
     tracker = CosineTracker(
-        [str(p) for p in config.models],
+        list(config.models),
         compared="deltas from base" if base_source is not None else "weights",
         dot_threshold=config.dot_threshold,
     )
@@ -244,15 +159,11 @@ def merge_checkpoints(config: MergeConfig, on_tensor: Callable[[str], None] | No
             base = base_source.read(info.name) if base_source is not None else None
             if schedule is not None:
                 t = schedule.t_for(info.name, n_layers)
-                weights = [1.0 - t, t]
+                tensor_weights = [1.0 - t, t]
             else:
-                weights = (
-                    list(config.weights)
-                    if config.weights is not None
-                    else [1.0 / len(sources)] * len(sources)
-                )
+                tensor_weights = weights if weights is not None else [1.0 / len(sources)] * len(sources)
             merged, fallback = _merge_tensor(
-                info.name, tensors, base, weights, config, info.dtype, tracker, sources
+                info.name, tensors, base, tensor_weights, config, info.dtype, tracker, sources
             )
             fallback_parameters += merged.numel() if fallback else 0
             if writer is not None:
@@ -262,32 +173,48 @@ def merge_checkpoints(config: MergeConfig, on_tensor: Callable[[str], None] | No
                 on_tensor(info.name)
         return fallback_parameters
 
+    def outcome(files: list[str], bytes_written: int, fallback_parameters: int, dropped: list[str]) -> MergeOutcome:
+        return _outcome(config, schedule, weights, tracker, files, bytes_written, fallback_parameters,
+                        started, warnings, out_infos, dropped)
+
     if config.dry_run:
-        fallback_parameters = run(None)
-        report = _report(config, schedule, tracker, [], 0, fallback_parameters, started, warnings, out_infos)
+        result = outcome([], 0, run(None), [])
     else:
-        with atomic_dir(config.output, overwrite=config.overwrite) as tmp:
+        with atomic_dir(output, overwrite=config.overwrite) as tmp:
             with ShardedWriter(tmp, out_infos, config.max_shard_bytes) as writer:
                 fallback_parameters = run(writer)
                 files = writer.finish()
-            warnings += copy_support_files(sources[0].support_dir, tmp)
+            copied = copy_support_files(sources[0].support_dir, tmp)
+            warnings += copied.notes
+            if copied.dropped_remote_code:
+                warnings.append(f"remote code of {sources[0].support_dir} not copied "
+                                f"({', '.join(copied.dropped_remote_code)}); the merged model loads without it")
             if config.dtype is not None:
                 _set_config_dtype(tmp / "config.json", config.dtype)
-            report = _report(
-                config,
-                schedule,
-                tracker,
-                files,
-                writer.bytes_written,
-                fallback_parameters,
-                started,
-                warnings,
-                out_infos,
-            )
-            write_json(tmp / REPORT_NAME, report.to_dict())
+            result = outcome(files, writer.bytes_written, fallback_parameters, copied.dropped_remote_code)
+            write_json(tmp / REPORT_NAME, result.to_dict())
+            previous = read_provenance(*config.models, config.base)
+            write_provenance(tmp, previous, "merge", **provenance_record(result))
+            publishable(tmp)
     if config.report is not None:
-        write_json(config.report, report.to_dict())
-    return report
+        write_json(config.report, result.to_dict())
+        os.chmod(config.report, 0o644)
+    return result
+
+
+def provenance_record(outcome: MergeOutcome) -> dict[str, Any]:
+    """The merge's entry in the data trail: the recipe, not the per-tensor diagnostics."""
+    return {
+        "method": outcome.method,
+        "t": outcome.t,
+        "weights": outcome.weights,
+        "models": outcome.models,
+        "base": outcome.base,
+        "dtype": outcome.dtype,
+        "parallel_fraction": outcome.cosines.get("parallel_fraction"),
+        "slerp_fallback_fraction": outcome.slerp_fallback_fraction,
+        "warnings": outcome.warnings,
+    }
 
 
 def _set_config_dtype(path: Path, dtype: str) -> None:
@@ -300,9 +227,10 @@ def _set_config_dtype(path: Path, dtype: str) -> None:
     path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
 
 
-def _report(
+def _outcome(
     config: MergeConfig,
     schedule: TSchedule | None,
+    weights: list[float] | None,
     tracker: CosineTracker,
     files: list[str],
     bytes_written: int,
@@ -310,7 +238,8 @@ def _report(
     started: float,
     warnings: list[str],
     infos: list[TensorInfo],
-) -> MergeReport:
+    dropped_remote_code: list[str],
+) -> MergeOutcome:
     cosines = tracker.summary()
     parameters = sum(info.numel for info in infos)
     if config.method == "slerp" and config.base is None and cosines["parallel_fraction"] > 0.5:
@@ -321,12 +250,12 @@ def _report(
                 "parallel; pass --base <their common starting checkpoint> to slerp the deltas instead"
             ),
         ]
-    return MergeReport(
+    return MergeOutcome(
         method=config.method,
-        models=[str(p) for p in config.models],
-        base=str(config.base) if config.base is not None else None,
-        output=None if config.dry_run or config.output is None else str(config.output),
-        weights=list(config.weights) if config.weights is not None else None,
+        models=list(config.models),
+        base=config.base,
+        output=None if config.dry_run else config.output,
+        weights=weights,
         t=(
             {
                 "default": list(schedule.default.anchors),
@@ -344,6 +273,7 @@ def _report(
         slerp_fallback_fraction=(
             round(fallback_parameters / max(parameters, 1), 6) if config.method == "slerp" else None
         ),
+        dropped_remote_code=dropped_remote_code,
         seconds=round(time.perf_counter() - started, 3),
         cosines=cosines,
         warnings=list(warnings),

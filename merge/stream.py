@@ -54,6 +54,8 @@ _CODES = {dtype: code for code, dtype in _DTYPES.items()}
 _WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".h5", ".msgpack", ".gguf")
 _SKIPPED_FILES = {
     "trainer_state.json",
+    "provenance.json",  # the merge writes the trail of all its inputs itself
+    "merge_report.json",
     "adapter_config.json",
     "README.md",
     INDEX_NAME,
@@ -353,25 +355,64 @@ class ShardedWriter:
         return list(self.files)
 
 
-def copy_support_files(source: Path, destination: Path) -> list[str]:
-    """Copy config, tokenizer and module files (everything but weights and training state).
+@dataclass
+class CopiedSupport:
+    notes: list[str]
+    """Sub-folders holding weights of their own, copied from the first model rather than merged."""
+    dropped_remote_code: list[str]
+    """Python files not copied, and the JSON files whose `auto_map` (which names them) was removed."""
 
-    Returns notes on sub-folders that hold weights of their own (e.g. a sentence-transformers Dense
-    module): those are copied from the first model, not merged.
+
+def strip_auto_map(folder: Path) -> list[str]:
+    """Remove `auto_map` from the folder's config files; returns the files changed.
+
+    `auto_map` points transformers at `*.py` files shipped beside the weights (remote code); an output
+    that does not ship those files must not name them, or `trust_remote_code` loads fail on it.
     """
-    notes = []
+    changed = []
+    for name in ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+        path = folder / name
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and data.pop("auto_map", None) is not None:
+            path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            changed.append(f"{name}: auto_map")
+    return changed
+
+
+def copy_support_files(source: Path, destination: Path) -> CopiedSupport:
+    """Copy config, tokenizer and module files: everything but weights, training state and remote code.
+
+    Remote code (`*.py` and the `auto_map` entries that name it) is never copied: embedforge loads
+    models without `trust_remote_code`, and a merged model must not carry code nobody reviewed.
+    """
+    notes: list[str] = []
+    dropped: list[str] = []
     for entry in sorted(source.iterdir()):
         name = entry.name
-        if name.startswith((".", "checkpoint-")):
+        if name.startswith((".", "checkpoint-")) or name == "__pycache__":
             continue
         if entry.is_dir():
-            shutil.copytree(entry, destination / name)
+            shutil.copytree(entry, destination / name, ignore=shutil.ignore_patterns("*.py", "__pycache__"))
+            dropped += sorted(str(p.relative_to(source)) for p in entry.rglob("*.py"))
             if any(p.suffix in _WEIGHT_SUFFIXES for p in entry.rglob("*")):
                 notes.append(f"{name}/ holds weights; copied from {source}, not merged")
+        elif name.endswith(".py"):
+            dropped.append(name)
         elif (
             name not in _SKIPPED_FILES
             and not name.endswith(_WEIGHT_SUFFIXES)
             and not name.startswith(("optimizer", "scheduler", "rng_state", "training_args"))
         ):
             shutil.copy2(entry, destination / name)
-    return notes
+    dropped += strip_auto_map(destination)
+    return CopiedSupport(notes, dropped)
+
+
+def publishable(folder: Path) -> None:
+    """Folders 0755, files 0644: temporary folders and files are created owner-only, and a model
+    folder is meant to be shared."""
+    os.chmod(folder, 0o755)
+    for path in Path(folder).rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)

@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from embedforge.errors import InputError
-from embedforge.merge import MergeConfig, merge_checkpoints
+from embedforge.merge import MergeConfig
+from embedforge.merge import merge as merge_checkpoints
 
 torch.set_num_threads(1)
 INPUT_IDS = torch.tensor([[151643, 9707, 11, 1879, 0, 2585, 525, 498]])

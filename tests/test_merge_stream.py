@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 
 from embedforge.cli import main as cli_main
 from embedforge.errors import ConfigError, InputError
-from embedforge.merge import MergeConfig, merge_checkpoints
+from embedforge.merge import MergeConfig
+from embedforge.merge import merge as merge_checkpoints
 from embedforge.merge.select import select_t
 from embedforge.merge.stream import SafetensorsCheckpoint, ShardedWriter, TensorInfo
 
