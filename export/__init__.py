@@ -1,16 +1,20 @@
-"""Export: serving folders for embedders (sentence-transformers / transformers / vLLM / TEI) and
-rerankers (causal and sequence-classification), checked by reloading, with a model card and an
-optional Hub push. `run_export(ExportConfig(...))` is the one entry point; the CLI wraps it."""
+"""Export: serving folders for embedders (sentence-transformers / transformers / vLLM / TEI, plus
+ONNX and GGUF files) and rerankers (causal and sequence-classification), checked by reloading, with
+a model card rendered from the provenance trail and an optional Hub push.
+
+`export(ExportConfig(...)) -> ExportOutcome` is the one entry point; the CLI wraps it.
+"""
 
 from __future__ import annotations
 
-__all__ = ["ExportConfig", "ExportResult", "run_export"]
+import importlib
+
+# Loaded on first use: `embedforge --help` imports the export CLI, which must not pull in torch.
+_EXPORTS = {"ExportConfig": "config", "ExportOutcome": "stage", "export": "stage"}
+__all__ = ["ExportConfig", "ExportOutcome", "export"]
 
 
 def __getattr__(name: str):
-    # Lazy: `embedforge --help` imports the export CLI, which must not pull in torch.
-    if name in __all__:
-        from embedforge.export import runner
-
-        return getattr(runner, name)
+    if name in _EXPORTS:
+        return getattr(importlib.import_module(f"embedforge.export.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'embedforge.export' has no attribute {name!r}")

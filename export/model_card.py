@@ -1,22 +1,33 @@
-"""The model card (README.md): Hub metadata in YAML front matter, then the recipe that made the
-model and how to run it in each runtime the export was checked for.
+"""The model card (README.md): Hub metadata in YAML front matter, then what the model is, what it
+was trained on and how, what it measured, its limitations, and how to run it in each engine.
 
-The YAML is rendered by `huggingface_hub.ModelCardData` (so `model-index` has the shape the Hub
-parses); the recipe comes from a JSON file the pipeline or the user writes (`CardMetadata`), plus
-what the export itself knows (pooling, prompts, Matryoshka widths, template, gate results).
+The card is `huggingface_hub.ModelCard.from_template` over `templates/model_card.md`: the YAML is
+`ModelCardData` (so `model-index` has the shape the Hub parses), and the text comes from the
+provenance trail of the model folder (embedforge.provenance), from what the export itself knows
+(pooling, prompts, widths, template, gate results, serving targets) and, optionally, from a
+`CardMetadata` JSON file whose values take precedence.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import shlex
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import Field
 
 from embedforge.config import StrictModel, validate
 from embedforge.errors import InputError
+from embedforge.export import targets, trail
+
+if TYPE_CHECKING:
+    from embedforge.export.config import ExportConfig
+
+TEMPLATE = Path(__file__).parent / "templates" / "model_card.md"
+GENERIC_FOLDER_NAMES = {"model", "final", "out", "output", "export", "merged", "best", "tmp"}
 
 
 class EvalEntry(StrictModel):
@@ -33,7 +44,7 @@ class EvalEntry(StrictModel):
     metric_name: str | None = None
 
 
-class Recipe(StrictModel):
+class CardRecipe(StrictModel):
     """How the model was made; every field is optional and rendered only when given."""
 
     data_generator: str | None = None
@@ -57,7 +68,7 @@ class CardMetadata(StrictModel):
     tags: list[str] = Field(default_factory=list)
     datasets: list[str] = Field(default_factory=list)
     eval_results: list[EvalEntry] = Field(default_factory=list)
-    recipe: Recipe = Field(default_factory=Recipe)
+    recipe: CardRecipe = Field(default_factory=CardRecipe)
 
 
 def load_card_metadata(path: str | os.PathLike) -> CardMetadata:
@@ -74,15 +85,15 @@ def load_card_metadata(path: str | os.PathLike) -> CardMetadata:
 
 
 def eval_entries_from_results(result: dict[str, Any]) -> list[EvalEntry]:
-    """`embedforge eval` results JSON -> model-index entries (retrieval metrics, or MTEB main scores)."""
+    """`embedforge eval` results -> model-index entries; the data set is named, never a local path."""
     entries = []
     if "metrics" in result:
-        data = str(result.get("data", "unknown"))
+        name = trail.dataset_name(result)
         task = "reranking" if result.get("reranker") else "retrieval"
         for metric, value in result["metrics"].items():
-            entries.append(EvalEntry(task_type=task, dataset_name=Path(data.rstrip("/")).name or data,
-                                     dataset_type=data, dataset_split=result.get("split"),
-                                     metric_type=metric, metric_value=float(value)))
+            entries.append(EvalEntry(task_type=task, dataset_name=name, dataset_type=str(result.get("dataset_id") or name),
+                                     dataset_split=result.get("split"), metric_type=metric,
+                                     metric_value=float(value)))
     for task, scores in (result.get("mteb") or {}).items():
         entries.append(EvalEntry(task_type="mteb", task_name=task, dataset_name=task, dataset_type=f"mteb/{task}",
                                  metric_type="main_score", metric_value=float(scores["main_score"])))
@@ -93,264 +104,201 @@ KIND_METADATA = {
     # (kind, format) -> (library_name, pipeline_tag, tags)
     ("embedder", "sentence-transformers"): (
         "sentence-transformers", "sentence-similarity",
-        ["sentence-transformers", "feature-extraction", "sentence-similarity", "text-embeddings-inference"]),
-    ("reranker", "seq-cls"): (
-        "sentence-transformers", "text-ranking", ["cross-encoder", "reranker", "text-embeddings-inference"]),
+        ["sentence-transformers", "feature-extraction", "sentence-similarity"]),
+    ("reranker", "seq-cls"): ("sentence-transformers", "text-ranking", ["cross-encoder", "reranker"]),
     ("reranker", "causal"): ("transformers", "text-ranking", ["reranker", "text-generation"]),
 }
 
 
-def card_data(meta: CardMetadata, kind: str, fmt: str, model_name: str):
-    from huggingface_hub import EvalResult, ModelCardData
+@dataclass
+class CardInputs:
+    """Everything the card says that is known before the export writes its folder."""
 
-    library, pipeline_tag, tags = KIND_METADATA[(kind, fmt)]
-    results = [EvalResult(**entry.model_dump(exclude_none=True)) for entry in meta.eval_results]
-    return ModelCardData(
-        model_name=model_name,
-        base_model=meta.base_model,
-        library_name=library,
-        pipeline_tag=pipeline_tag,
-        license=meta.license,
-        language=meta.language or None,
-        datasets=meta.datasets or None,
-        tags=list(dict.fromkeys(["embedforge", *tags, *meta.tags])),
-        eval_results=results or None,
-    )
+    name: str
+    kind: str
+    fmt: str
+    repo_id: str
+    placeholder_repo: bool
+    base_model: str | None
+    base_model_hub: bool
+    meta: CardMetadata
+    trail: list[dict[str, Any]]
+    results: list[dict[str, Any]]
+    warnings: list[str] = field(default_factory=list)
 
+    @classmethod
+    def gather(cls, config: ExportConfig, trail_records: list[dict[str, Any]]) -> CardInputs:
+        from embedforge.eval.report import load_results
 
-def _code(lang: str, text: str) -> str:
-    return f"```{lang}\n{text.strip()}\n```\n"
+        meta = load_card_metadata(config.card_metadata) if config.card_metadata else CardMetadata()
+        files = load_results(config.eval_results) if config.eval_results else []
+        warnings = []
+        base = config.base_model or meta.base_model or trail.base_model_of(trail_records)
+        if base is None and trail.is_hub_id(config.model):
+            base = config.model
+        base_text = ", ".join(base) if isinstance(base, list) else base
+        repo = config.push_to_hub or config.repo_id
+        stem = Path(str(config.output).rstrip("/")).name
+        base_short = Path(str(base_text).rstrip("/")).name if base_text else None
+        if config.model_name or meta.model_name:
+            name = config.model_name or meta.model_name
+        elif repo:
+            name = repo.split("/")[-1]
+        elif stem.lower() not in GENERIC_FOLDER_NAMES:
+            name = stem
+        else:
+            name = f"{base_short or 'embedforge'}-{config.kind}"
+        if repo is None:
+            repo = f"YOUR_ORG/{name}"
+            warnings.append(f"the card's usage snippets name {repo}: pass --repo-id or --push-to-hub ORG/NAME")
+        return cls(name=name, kind=config.kind, fmt=config.resolved_format(), repo_id=repo,
+                   placeholder_repo=not (config.push_to_hub or config.repo_id), base_model=base_text,
+                   base_model_hub=isinstance(base, str) and trail.is_hub_id(base), meta=meta, trail=trail_records,
+                   results=trail.eval_results(trail_records, files), warnings=warnings)
 
+    def card_data(self):
+        from huggingface_hub import EvalResult, ModelCardData
 
-def embedder_usage(repo: str, facts: dict[str, Any]) -> str:
-    prompt = (facts.get("prompts") or {}).get("query") or ""
-    dims = facts.get("matryoshka_dims") or []
-    truncate = f"  # truncate_dim={dims[-1]} keeps a Matryoshka width" if dims else ""
-    st = f'''
-from sentence_transformers import SentenceTransformer
-
-model = SentenceTransformer("{repo}"){truncate}
-queries = model.encode(["what is slerp?"], prompt_name="query")
-documents = model.encode(["Slerp interpolates along the great circle between two vectors."])
-print(model.similarity(queries, documents))
-'''
-    pool = "last_token_pool" if facts.get("pooling") == "lasttoken" else f"{facts.get('pooling')} pooling"
-    tf = f'''
-import torch
-import torch.nn.functional as F
-from transformers import AutoModel, AutoTokenizer
-
-def last_token_pool(hidden, attention_mask):
-    last = attention_mask.shape[1] - 1 - attention_mask.flip(dims=[1]).int().argmax(dim=1)
-    return hidden[torch.arange(hidden.shape[0]), last]
-
-tokenizer = AutoTokenizer.from_pretrained("{repo}", padding_side="left")
-model = AutoModel.from_pretrained("{repo}")
-texts = [{json.dumps(prompt)} + "what is slerp?",  # queries carry the instruction prompt
-         "Slerp interpolates along the great circle between two vectors."]  # documents do not
-batch = tokenizer(texts, padding=True, truncation=True, max_length={facts.get("max_length", 8192)}, return_tensors="pt")
-with torch.no_grad():
-    vectors = F.normalize(last_token_pool(model(**batch).last_hidden_state, batch["attention_mask"]), dim=-1)
-print(vectors[0] @ vectors[1])
-'''
-    vllm = f'''
-# vllm serve {repo} --runner pooling        (older vLLM: --task embed)
-from vllm import LLM
-
-llm = LLM(model="{repo}", runner="pooling")
-outputs = llm.embed([{json.dumps(prompt)} + "what is slerp?", "Slerp interpolates along the great circle."])
-vectors = [o.outputs.embedding for o in outputs]
-'''
-    text = "### sentence-transformers\n\n" + _code("python", st)
-    if facts.get("pooling") == "lasttoken":
-        text += (f"\n### transformers\n\nLeft padding, {pool}, L2 normalisation. The tokenizer appends "
-                 f"`{facts.get('eos_token')}` itself (baked into `tokenizer.json`), exactly once.\n\n")
-        text += _code("python", tf)
-    text += ("\n### vLLM\n\nvLLM reads the pooling and normalisation from `modules.json` / `1_Pooling`, and the "
-             "pooling token from `tokenizer.json`. Prompts are not applied by vLLM: prepend the query prompt "
-             "yourself.\n\n" + _code("python", vllm))
-    if dims:
-        text += (f"\nMatryoshka widths {dims} are declared in `config.json` (`matryoshka_dimensions`), so the "
-                 "OpenAI-style `dimensions` request field works; vLLM truncates and renormalises.\n")
-    text += ("\n### Text Embeddings Inference\n\n" + _code("bash", f'''
-text-embeddings-router --model-id {repo}
-curl 127.0.0.1:8080/embed -X POST -H 'Content-Type: application/json' \\
-  -d '{{"inputs": {json.dumps(prompt + "what is slerp?")}}}'
-''') + "\nTEI reads the pooling from `1_Pooling/config.json` and the appended token from `tokenizer.json`; "
-             "it does not truncate to Matryoshka widths: keep the first d coordinates and renormalise.\n")
-    return text
+        library, pipeline_tag, tags = KIND_METADATA[(self.kind, self.fmt)]
+        entries = list(self.meta.eval_results)
+        for result in self.results:
+            entries += eval_entries_from_results(result)
+        results = [EvalResult(**entry.model_dump(exclude_none=True)) for entry in entries]
+        datasets = self.meta.datasets or None
+        return ModelCardData(
+            model_name=self.name,
+            base_model=self.base_model if self.base_model_hub else None,
+            library_name=library,
+            pipeline_tag=pipeline_tag,
+            license=self.meta.license,
+            language=self.meta.language or None,
+            datasets=datasets,
+            tags=list(dict.fromkeys(["embedforge", *tags, *self.meta.tags])),
+            eval_results=results or None,
+        )
 
 
-def reranker_usage(repo: str, facts: dict[str, Any], template: dict[str, Any]) -> str:
-    instruction = facts.get("default_instruction")
-    ce = f'''
-from sentence_transformers import CrossEncoder
-
-model = CrossEncoder("{repo}")
-pairs = [("what is slerp?", "Slerp interpolates along the great circle."), ("what is slerp?", "Paris is in France.")]
-scores = model.predict(pairs)  # p(yes); the chat template wraps each pair in the reranker prompt
-scores = model.predict(pairs, prompt="Given a code question, retrieve the answering snippet")  # other instruction
-'''
-    pieces = f'''
-prefix = {json.dumps(template["prefix"])}
-suffix = {json.dumps(template["suffix"])}
-instruction = {json.dumps(instruction)}
-def prompt(query, document):
-    return f"{{prefix}}<Instruct>: {{instruction}}\\n<Query>: {{query}}\\n<Document>: {{document}}{{suffix}}"
-'''
-    if facts.get("format") == "seq-cls":
-        tf = pieces + f'''
-import torch
-from transformers import AutoModelForSequenceClassification, AutoTokenizer
-
-tokenizer = AutoTokenizer.from_pretrained("{repo}")  # left padding, adds no special tokens
-model = AutoModelForSequenceClassification.from_pretrained("{repo}")
-batch = tokenizer([prompt("what is slerp?", "Slerp interpolates along the great circle.")], padding=True,
-                  return_tensors="pt")
-with torch.no_grad():
-    p_yes = torch.sigmoid(model(**batch).logits[:, 0])  # the head is lm_head[yes] - lm_head[no]
-'''
-        vllm = f'''
-vllm serve {repo} --runner pooling --chat-template {repo}/chat_template.jinja
-# POST /rerank {{"query": "what is slerp?", "documents": ["..."]}}: the template wraps each pair.
-# Without --chat-template, vLLM joins text_1 + text_2, so send the pieces of reranker_template.json:
-#   query = "{{prefix}}<Instruct>: {{instruction}}\\n<Query>: {{query}}\\n", document = "<Document>: {{doc}}{{suffix}}"
-'''
-    else:
-        tf = pieces + f'''
-import torch
-from transformers import AutoModelForCausalLM, AutoTokenizer
-
-tokenizer = AutoTokenizer.from_pretrained("{repo}")  # left padding, adds no special tokens
-model = AutoModelForCausalLM.from_pretrained("{repo}")
-batch = tokenizer([prompt("what is slerp?", "Slerp interpolates along the great circle.")], padding=True,
-                  return_tensors="pt")
-with torch.no_grad():
-    logits = model(**batch).logits[:, -1, :]
-p_yes = torch.softmax(logits[:, [{facts["no_token_id"]}, {facts["yes_token_id"]}]].float(), dim=-1)[:, 1]
-'''
-        vllm = f'''
-vllm serve {repo} --runner pooling --hf-overrides '{json.dumps(facts["vllm_hf_overrides"])}' \\
-    --chat-template {repo}/chat_template.jinja
-# POST /rerank {{"query": "what is slerp?", "documents": ["..."]}}: the template wraps each pair.
-# Without --chat-template, send the query_template / document_template pieces of reranker_template.json.
-'''
-    text = "### sentence-transformers (CrossEncoder)\n\n" + _code("python", ce)
-    text += "\n### transformers\n\n" + _code("python", tf)
-    text += "\n### vLLM\n\n" + _code("bash", vllm)
-    if facts.get("format") == "seq-cls":
-        text += ("\n### Text Embeddings Inference\n\nTEI applies no template: send `query_template(query)` and "
-                 "`document_template(text)` from `reranker_template.json` as the pair. The tokenizer adds no special "
-                 "tokens, so the joined pair is the prompt exactly. Whether your TEI version serves "
-                 "`*ForSequenceClassification` for this architecture was not checked by the export.\n")
-    return text
+def _trained_with_qwen3_loss(record: dict[str, Any] | None) -> bool:
+    """The Qwen3 Embedding recipe's loss: InfoNCE with the q-q / d-d / q-d_j terms (all of them by default)."""
+    if record is None:
+        return False
+    config = record.get("config") or {}
+    if config.get("task", "embedding") != "embedding":
+        return False
+    terms = (config.get("loss") or {}).get("terms")
+    return terms is None or {"qq", "dd", "qd"} <= set(terms)
 
 
-def _table(rows: list[tuple[str, str]]) -> str:
-    return "| | |\n|---|---|\n" + "".join(f"| {k} | {v} |\n" for k, v in rows)
+def description(card: CardInputs, facts: dict[str, Any]) -> str:
+    if card.meta.description:
+        return card.meta.description.strip()
+    what = {"embedder": "text embedder", "reranker": "yes/no reranker"}[card.kind]
+    train = next((r for r in reversed(card.trail) if r.get("stage") == "train"), None)
+    base = f"`{card.base_model}`" if card.base_model else "an unrecorded backbone"
+    if train is None:
+        return f"A {what} exported with embedforge from {base}; no training record reached the export."
+    text = f"A {what} fine-tuned from {base} with embedforge"
+    if card.kind == "embedder" and _trained_with_qwen3_loss(train):
+        text += ", with the Qwen3 Embedding recipe's contrastive loss (InfoNCE over hard negatives, in-batch " \
+                "queries and documents, false-negative masking)"
+    if any(r.get("stage") == "synth" for r in card.trail):
+        text += ", on synthetic query-passage pairs generated from a domain corpus"
+    if any(r.get("stage") == "merge" for r in card.trail):
+        text += ", then merged"
+    return text + "."
 
 
-def recipe_section(meta: CardMetadata, facts: dict[str, Any]) -> str:
+def _recipe(meta: CardMetadata) -> dict[str, Any] | None:
     recipe = meta.recipe
-    parts = []
-    if recipe.data_generator or recipe.data_templates or recipe.filters or meta.datasets:
-        rows = []
-        if recipe.data_generator:
-            rows.append(("generator", recipe.data_generator))
-        if recipe.data_templates:
-            rows.append(("templates", ", ".join(f"`{t}`" for t in recipe.data_templates)))
-        if recipe.filters:
-            rows.append(("filters", ", ".join(recipe.filters)))
-        if meta.datasets:
-            rows.append(("datasets", ", ".join(meta.datasets)))
-        parts.append("### Data\n\n" + _table(rows))
-    if recipe.losses:
-        parts.append("### Losses\n\n" + _code("json", json.dumps(recipe.losses, indent=2)))
-    if recipe.hyperparameters:
-        parts.append("### Hyperparameters\n\n" + _table([(k, f"`{v}`") for k, v in recipe.hyperparameters.items()]))
-    if recipe.merge:
-        parts.append("### Merge\n\n" + _code("json", json.dumps(recipe.merge, indent=2, default=str)))
-    dims = facts.get("matryoshka_dims") or recipe.matryoshka_dims
-    if dims:
-        parts.append(f"### Matryoshka\n\nTrained widths: {dims} (keep the first d coordinates, then L2-normalise).\n")
+    rows = []
+    if recipe.data_generator:
+        rows.append(("generator", recipe.data_generator))
+    if recipe.data_templates:
+        rows.append(("templates", ", ".join(f"`{t}`" for t in recipe.data_templates)))
+    if recipe.filters:
+        rows.append(("filters", ", ".join(recipe.filters)))
+    if meta.datasets:
+        rows.append(("datasets", ", ".join(meta.datasets)))
+    rows += [(key, f"`{value}`") for key, value in recipe.hyperparameters.items()]
+    if recipe.matryoshka_dims:
+        rows.append(("Matryoshka widths", str(recipe.matryoshka_dims)))
     if recipe.notes:
-        parts.append(recipe.notes.strip() + "\n")
-    return "\n".join(parts) if parts else "No recipe metadata was given to the export.\n"
+        rows.append(("notes", recipe.notes.strip()))
+    blocks = [(title, json.dumps(value, indent=2, default=str)) for title, value in
+              (("Losses", recipe.losses), ("Merge", recipe.merge)) if value]
+    return {"rows": rows, "blocks": blocks} if rows or blocks else None
 
 
-def instruction_section(kind: str, facts: dict[str, Any], template: dict[str, Any] | None) -> str:
-    if kind == "embedder":
-        prompts = facts.get("prompts") or {}
-        rows = [(name, f"`{json.dumps(text)}`") for name, text in prompts.items()]
-        return ("Queries are prefixed with the `query` prompt; documents carry none.\n\n" + _table(rows)
-                if rows else "This model uses no prompts.\n")
-    return (
-        "The prompt is the Qwen3-Reranker template (`chat_template.jinja`, `reranker_template.json`):\n\n"
-        + _code("text", template["prefix"] + template["body"] + template["suffix"])
-        + f"\nDefault instruction: `{template['default_instruction']}`. Score: {template['score']}. "
-        "Left padding; truncate the document, never the suffix.\n"
-    )
-
-
-def checks_section(report: dict[str, Any]) -> str:
-    rows = ["| check | passed | max abs diff | tolerance |", "|---|---|---:|---:|"]
-    for check in report.get("checks", []):
-        diff = "" if check["max_abs_diff"] is None else f"{check['max_abs_diff']:.2e}"
-        tol = "" if check["tolerance"] is None else f"{check['tolerance']:g}"
-        rows.append(f"| {check['name']} | {'yes' if check['passed'] else 'NO'} | {diff} | {tol} |")
-    return "Checked on export by reloading the folder in each runtime (`export_report.json`):\n\n" + "\n".join(rows) + "\n"
-
-
-def eval_section(meta: CardMetadata) -> str:
-    if not meta.eval_results:
-        return "No evaluation results were given to the export.\n"
-    rows = ["| task | data set | split | metric | value |", "|---|---|---|---|---:|"]
-    for e in meta.eval_results:
-        rows.append(f"| {e.task_name or e.task_type} | {e.dataset_name} | {e.dataset_split or ''} | "
-                    f"{e.metric_name or e.metric_type} | {e.metric_value:.4f} |")
-    return "\n".join(rows) + "\n"
-
-
-def render_model_card(
-    meta: CardMetadata,
-    *,
-    kind: str,
-    fmt: str,
-    facts: dict[str, Any],
-    report: dict[str, Any],
-    location: str,
-    repo_id: str | None = None,
-    template: dict[str, Any] | None = None,
-) -> str:
-    """The full README.md text: YAML front matter, then markdown. `location` (the output folder)
-    names the model in the usage snippets unless it is pushed to `repo_id`."""
-    name = meta.model_name or repo_id or Path(location).name
-    repo = repo_id or location
-    data = card_data(meta, kind, fmt, name)
-    title = {"embedder": "text embedder", "reranker": "reranker"}[kind]
-    details = [("kind", f"{title} ({fmt})"), ("base model", str(meta.base_model or "unknown")),
-               ("architecture", ", ".join(facts.get("architectures") or []))]
-    if kind == "embedder":
-        details += [("dimension", str(facts.get("dimension"))), ("pooling", str(facts.get("pooling"))),
-                    ("max length", str(facts.get("max_length"))),
-                    ("Matryoshka widths", str(facts.get("matryoshka_dims") or "none declared")),
-                    ("similarity", "cosine (vectors are L2-normalised)")]
+def _details(card: CardInputs, facts: dict[str, Any]) -> list[tuple[str, str]]:
+    title = {"embedder": "text embedder", "reranker": "reranker"}[card.kind]
+    if card.base_model_hub:
+        base = f"[{card.base_model}](https://huggingface.co/{card.base_model})"
     else:
-        details += [("yes / no token ids", f"{facts.get('yes_token_id')} / {facts.get('no_token_id')}"),
-                    ("score", "p(yes) = sigmoid(logit_yes - logit_no)")]
-    usage = embedder_usage(repo, facts) if kind == "embedder" else reranker_usage(repo, facts, template or {})
-    body = "\n".join([
-        f"# {name}\n",
-        (meta.description.strip() + "\n") if meta.description else
-        f"A {title} built with embedforge on the Qwen3 Embedding recipe.\n",
-        "## Model details\n", _table(details),
-        "## Usage\n", usage,
-        "## Instructions and templates\n", instruction_section(kind, facts, template),
-        "## Training recipe\n", recipe_section(meta, facts),
-        "## Evaluation\n", eval_section(meta),
-        "## Export checks\n", checks_section(report),
-    ])
-    return f"---\n{data.to_yaml()}\n---\n\n{body}"
+        base = f"`{trail.short_name(card.base_model)}` (a local folder)" if card.base_model else "not recorded"
+    rows = [("kind", f"{title} ({card.fmt})"), ("base model", base),
+            ("architecture", ", ".join(facts.get("architectures") or []))]
+    if card.kind == "embedder":
+        rows += [("dimension", str(facts.get("dimension"))),
+                 ("pooling", f"{facts.get('pooling')}" + (f", `{facts['eos_token']}` appended" if facts.get("eos_token")
+                                                        else "")),
+                 ("max sequence length", f"{facts.get('max_length')} tokens"),
+                 ("Matryoshka widths", str(facts.get("matryoshka_dims") or "none declared")),
+                 ("similarity", "cosine (vectors are L2-normalised)")]
+    else:
+        rows += [("yes / no token ids", f"{facts.get('yes_token_id')} / {facts.get('no_token_id')}"),
+                 ("score", "p(yes) = sigmoid(logit_yes - logit_no)")]
+    return rows
+
+
+def _checks(report: dict[str, Any]) -> list[dict[str, str]]:
+    return [{"name": c["name"], "passed": c["passed"],
+             "diff": "" if c["max_abs_diff"] is None else f"{c['max_abs_diff']:.2e}",
+             "tolerance": "" if c["tolerance"] is None else f"{c['tolerance']:g}"} for c in report.get("checks", [])]
+
+
+def render_model_card(card: CardInputs, *, facts: dict[str, Any], report: dict[str, Any],
+                      template: dict[str, Any] | None = None) -> str:
+    """The full README.md text, rendered from `templates/model_card.md`."""
+    from huggingface_hub import ModelCard
+
+    model_type = facts.get("model_type") or ""
+    context: dict[str, Any] = {
+        "name": card.name, "kind": card.kind, "fmt": card.fmt, "repo_id": card.repo_id,
+        "placeholder_repo": card.placeholder_repo, "description": description(card, facts),
+        "details": _details(card, facts), "data_rows": trail.data_rows(card.trail),
+        "training_rows": trail.training_rows(card.trail), "merge_rows": trail.merge_rows(card.trail),
+        "recipe": _recipe(card.meta), "trail_warnings": trail.trail_warnings(card.trail),
+        "eval_rows": trail.eval_rows(card.results),
+        "limitations": trail.limitations(card.trail, card.results, facts), "checks": _checks(report),
+    }
+    if card.kind == "embedder":
+        prompt = (facts.get("prompts") or {}).get("query") or ""
+        onnx = facts.get("onnx") or {}
+        gguf = facts.get("gguf") or {}
+        context.update(
+            dims=facts.get("matryoshka_dims") or [], pooling=facts.get("pooling"), eos_token=facts.get("eos_token"),
+            max_length=facts.get("max_length"), query_prompt_literal=json.dumps(prompt),
+            query_example_json=json.dumps(prompt + "what is slerp?"),
+            query_example_shell=shlex.quote(prompt + "what is slerp?"),
+            prompts=[(key, json.dumps(value)) for key, value in (facts.get("prompts") or {}).items()],
+            onnx_files=[{"file": v["file"], "precision": k, "max_abs_diff": f"{v['max_abs_diff']:.2e}",
+                         "min_cosine": f"{v['min_cosine']:.6f}"} for k, v in onnx.items()],
+            onnx_int8="int8" in onnx,
+            gguf_files=[{"file": v["file"], "type": k, "max_abs_diff": f"{v['max_abs_diff']:.2e}"}
+                        for k, v in gguf.items()],
+            targets=targets.as_rows(targets.embedder_targets(model_type, decoder=facts.get("pooling") == "lasttoken",
+                                                             onnx=list(onnx), gguf=list(gguf))))
+    else:
+        template = template or {}
+        overrides = facts.get("vllm_hf_overrides")
+        context.update(
+            prefix_literal=json.dumps(template.get("prefix", "")), suffix_literal=json.dumps(template.get("suffix", "")),
+            instruction_literal=json.dumps(facts.get("default_instruction")),
+            instruction=facts.get("default_instruction"), yes_token_id=facts.get("yes_token_id"),
+            no_token_id=facts.get("no_token_id"), hf_overrides_json=json.dumps(overrides) if overrides else "",
+            template_text=template.get("prefix", "") + template.get("body", "") + template.get("suffix", ""),
+            score_rule=template.get("score", ""), targets=targets.as_rows(targets.reranker_targets(model_type, card.fmt)))
+    return str(ModelCard.from_template(card.card_data(), template_path=str(TEMPLATE), **context))
 
 
 def write_model_card(folder: str | os.PathLike, text: str) -> Path:

@@ -96,13 +96,22 @@ def template_spec(reranker: Reranker, default_instruction: str, fmt: str) -> dic
 
 
 def vllm_overrides(reranker: Reranker) -> dict[str, Any]:
-    """The `hf_overrides` that make vLLM serve the causal form as a one-logit classifier."""
+    """The `hf_overrides` that make vLLM serve the causal form as a one-logit classifier.
+
+    vLLM's generic `SequenceClassificationConfig` builds the yes - no head for any `*ForCausalLM`
+    from `method: from_2_way_softmax` + `classifier_from_token`; `is_original_qwen3_reranker` is the
+    Qwen3-only spelling of the same (vllm/model_executor/models/config.py), kept for Qwen3 because
+    the official Qwen3-Reranker instructions use it.
+    """
     architecture = type(reranker.model).__name__.replace("ForCausalLM", "ForSequenceClassification")
-    return {
+    overrides: dict[str, Any] = {
         "architectures": [architecture],
         "classifier_from_token": [RERANKER_NO, RERANKER_YES],
-        "is_original_qwen3_reranker": True,
+        "method": "from_2_way_softmax",
     }
+    if getattr(reranker.model.config, "model_type", None) == "qwen3":
+        overrides["is_original_qwen3_reranker"] = True
+    return overrides
 
 
 def yes_minus_no(weight: torch.Tensor, yes_id: int, no_id: int) -> torch.Tensor:

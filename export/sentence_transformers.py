@@ -48,6 +48,13 @@ def causal_lm_architecture(architectures: list[str]) -> list[str]:
     return renamed
 
 
+def max_sequence_length(embedder: Embedder) -> int:
+    """`max_seq_length` for sentence-transformers, vLLM and TEI: the model's own limit, never more
+    positions than the backbone has (`max_position_embeddings`)."""
+    positions = getattr(embedder.model.config, "max_position_embeddings", None)
+    return min(embedder.spec.max_length, int(positions)) if positions else embedder.spec.max_length
+
+
 def query_instruction(embedder: Embedder, default_instruction: str | None) -> str | None:
     """The instruction behind the `query` prompt: the given one, else the model's own, else (for a
     last-token decoder) the Qwen3 default retrieval instruction."""
@@ -69,6 +76,7 @@ def write_embedder_folder(
     folder = Path(folder)
     dims = check_matryoshka_dims(matryoshka_dims or embedder.spec.matryoshka_dims, embedder.dimension)
     embedder.spec.matryoshka_dims = dims
+    embedder.spec.max_length = max_sequence_length(embedder)
     embedder.save_pretrained(folder, default_instruction=query_instruction(embedder, default_instruction))
 
     config_path = folder / "config.json"

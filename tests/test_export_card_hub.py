@@ -18,9 +18,10 @@ import yaml
 
 from embedforge.cli import main
 from embedforge.errors import ConfigError
+from embedforge.export import ExportConfig
+from embedforge.export import export as run_export
 from embedforge.export.hub import files_to_upload
 from embedforge.export.model_card import eval_entries_from_results
-from embedforge.export.runner import ExportConfig, run_export
 
 SECRET = "hf_SECRETtokenVALUEthatMustNeverBePrinted"
 TASK = "Given a question about model merging, retrieve passages that answer it"
@@ -45,7 +46,8 @@ EVAL_RESULT = {"model": "x", "data": "data/nfcorpus", "split": "test",
                            "map_at_100": 0.15}}
 EXPECTED_FILES = [
     "1_Pooling/config.json", "README.md", "config.json", "config_sentence_transformers.json", "embedforge.json",
-    "export_report.json", "model.safetensors", "modules.json", "sentence_bert_config.json", "tokenizer.json",
+    "export_report.json", "model.safetensors", "modules.json", "provenance.json", "sentence_bert_config.json",
+    "tokenizer.json",
     "tokenizer_config.json",
 ]
 
@@ -180,9 +182,10 @@ def test_push_without_a_token_fails_before_any_work(minilm, tmp_path, monkeypatc
 
 
 def test_eval_results_become_model_index_entries():
+    """The model-index names the data set; a local path ("data/nfcorpus") means nothing on the Hub."""
     entries = eval_entries_from_results({**EVAL_RESULT, "reranker": "rr"})
     assert {(e.task_type, e.dataset_name, e.dataset_type, e.dataset_split, e.metric_type, e.metric_value)
-            for e in entries} == {("reranking", "nfcorpus", "data/nfcorpus", "test", k, v)
+            for e in entries} == {("reranking", "nfcorpus", "nfcorpus", "test", k, v)
                                   for k, v in EVAL_RESULT["metrics"].items()}
     mteb = eval_entries_from_results({"mteb": {"STS12": {"main_score": 0.8}}})
     assert [(e.task_name, e.metric_type, e.metric_value) for e in mteb] == [("STS12", "main_score", 0.8)]

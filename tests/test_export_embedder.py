@@ -27,7 +27,8 @@ DIMS = [64, 32, 16]
 @pytest.fixture(scope="module", params=["tiny_qwen3_embedder", "tiny_qwen3_embedder_noeos"])
 def exported(request, tmp_path_factory):
     """(source folder, export folder) for each source tokenizer variant."""
-    from embedforge.export.runner import ExportConfig, run_export
+    from embedforge.export import ExportConfig
+    from embedforge.export import export as run_export
 
     torch.set_num_threads(1)
     source = request.getfixturevalue(request.param)

@@ -13,7 +13,8 @@ import torch
 import torch.nn.functional as F
 
 from embedforge.errors import ConfigError
-from embedforge.export.runner import ExportConfig, run_export
+from embedforge.export import ExportConfig
+from embedforge.export import export as run_export
 from embedforge.templates import DEFAULT_RETRIEVAL_INSTRUCTION, format_query
 
 TEXTS = ["what is slerp?", "Paris is the capital and most populous city of France, on the Seine.", "x"]

@@ -21,7 +21,8 @@ from test_export_helpers import (
     official_inputs,
 )
 
-from embedforge.export.runner import ExportConfig, run_export
+from embedforge.export import ExportConfig
+from embedforge.export import export as run_export
 
 OTHER_TASK = "Given a question about geography, retrieve the passage that answers it"
 

@@ -11,7 +11,8 @@ import pytest
 import torch
 from test_export_helpers import PAIRS, make_judge, official_causal_scores
 
-from embedforge.export.runner import ExportConfig, run_export
+from embedforge.export import ExportConfig
+from embedforge.export import export as run_export
 
 
 @pytest.fixture(scope="module")
@@ -44,12 +45,18 @@ def test_causal_export_reloads_to_the_source_scores(exported):
 def test_causal_files_carry_the_vllm_overrides(exported):
     _, out = exported
     template = json.loads((out / "reranker_template.json").read_text())
+    # `method` is what vLLM's generic SequenceClassificationConfig reads for any *ForCausalLM;
+    # `is_original_qwen3_reranker` is the Qwen3-only spelling of it.
     assert template["vllm_hf_overrides"] == {
         "architectures": ["Qwen3ForSequenceClassification"],
         "classifier_from_token": ["no", "yes"],
+        "method": "from_2_way_softmax",
         "is_original_qwen3_reranker": True,
     }
     assert json.loads((out / "config.json").read_text())["architectures"] == ["Qwen3ForCausalLM"]
     assert (out / "chat_template.jinja").exists()
     readme = (out / "README.md").read_text()
     assert "--hf-overrides" in readme and "is_original_qwen3_reranker" in readme
+    # after a push vLLM cannot open ORG/NAME/chat_template.jinja: the card downloads it first
+    assert "--chat-template ./chat_template.jinja" in readme and "/chat_template.jinja" not in readme.replace(
+        "./chat_template.jinja", "")

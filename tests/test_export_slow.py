@@ -9,7 +9,8 @@ import json
 import pytest
 import torch
 
-from embedforge.export.runner import ExportConfig, run_export
+from embedforge.export import ExportConfig
+from embedforge.export import export as run_export
 
 pytestmark = pytest.mark.slow
 

@@ -1,0 +1,196 @@
+"""The provenance trail read back for the model card: what the model was trained on, how, and how it
+measured, as rows a template can print.
+
+Each stage writes its own record (embedforge.provenance); the keys read here are the ones those
+records carry. Unknown keys are still shown (flattened), so a stage that records more appears in
+the card without a change here.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any
+
+from embedforge.provenance import find_stage
+
+METRIC_TITLES = {"ndcg_at_10": "nDCG@10", "mrr_at_10": "MRR@10", "recall_at_10": "Recall@10",
+                 "recall_at_100": "Recall@100", "map_at_100": "MAP@100", "main_score": "main score"}
+SMALL_EVAL = 100  # fewer queries than this cannot separate models by a few points (95% CI half-width > ~0.05)
+
+
+def display(value: Any, limit: int = 160) -> str:
+    """A short printable form of a record value."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (dict, list)):
+        text = json.dumps(value, ensure_ascii=False, default=str, sort_keys=isinstance(value, dict))
+    else:
+        text = str(value)
+    return text if len(text) <= limit else text[: limit - 1] + "…"
+
+
+def flatten(record: dict[str, Any], prefix: str = "", skip: tuple[str, ...] = ("stage",)) -> list[tuple[str, str]]:
+    """(dotted key, printable value) for every leaf of a record, nested dicts walked."""
+    rows: list[tuple[str, str]] = []
+    for key, value in record.items():
+        if key in skip or value is None or value == [] or value == {}:
+            continue
+        name = f"{prefix}{key}"
+        if isinstance(value, dict):
+            rows += flatten(value, f"{name}.", skip=())
+        else:
+            rows.append((name, display(value)))
+    return rows
+
+
+def is_hub_id(text: str | None) -> bool:
+    """`org/name` that is not a local path (a Hub id the card may link)."""
+    if not text or os.path.exists(text) or text.startswith(("/", ".", "~")) or "builtin:" in text:
+        return False
+    parts = text.split("/")
+    return len(parts) == 2 and all(parts)
+
+
+def short_name(path_or_id: str) -> str:
+    """The last meaningful component of a model path (`runs/x/train/work/final` -> `train/work/final`)."""
+    parts = [p for p in Path(str(path_or_id).rstrip("/")).parts if p not in ("/",)]
+    return "/".join(parts[-3:]) if len(parts) > 1 else (parts[0] if parts else str(path_or_id))
+
+
+def base_model_of(trail: list[dict[str, Any]]) -> str | None:
+    """The backbone a training run started from, as recorded by train (`base_model`, else `config.model`)."""
+    for record in trail:
+        if record.get("stage") != "train":
+            continue
+        config = record.get("config") or {}
+        for candidate in (record.get("base_model"), config.get("base_model"), config.get("model")):
+            if candidate:
+                return str(candidate)
+    return None
+
+
+def data_rows(trail: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The training data: corpus, generator, prompts, gates, mining."""
+    rows: list[tuple[str, str]] = []
+    for stage, label in (("synth", "synthesis"), ("filter", "filter"), ("mine", "mining")):
+        record = find_stage(trail, stage)
+        if record is not None:
+            rows += [(f"{label}: {k}", v) for k, v in flatten(record)]
+    return rows
+
+
+def training_rows(trail: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    record = find_stage(trail, "train")
+    return flatten(record, skip=("stage", "warnings")) if record else []
+
+
+def merge_rows(trail: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    record = find_stage(trail, "merge")
+    if record is None:
+        return []
+    rows = []
+    for key, value in record.items():
+        if key in ("stage", "warnings") or value is None:
+            continue
+        if key in ("models", "base") and value:
+            value = [short_name(v) for v in value] if isinstance(value, list) else short_name(value)
+        rows.append((key, display(value)))
+    return rows
+
+
+def trail_warnings(trail: list[dict[str, Any]]) -> list[str]:
+    return [f"{r.get('stage')}: {w}" for r in trail for w in (r.get("warnings") or [])]
+
+
+def interval(result: dict[str, Any], metric: str) -> tuple[float, float] | None:
+    """The 95% interval of a metric: `ci95[metric] = [low, high]` (or `{"low", "high"}`)."""
+    for key in ("ci95", "ci", "intervals"):
+        table = result.get(key)
+        if isinstance(table, dict) and metric in table:
+            value = table[metric]
+            if isinstance(value, dict):
+                value = (value.get("low"), value.get("high"))
+            if isinstance(value, (list, tuple)) and len(value) == 2 and all(
+                    isinstance(v, (int, float)) and math.isfinite(v) for v in value):
+                return float(value[0]), float(value[1])
+    return None
+
+
+def dataset_name(result: dict[str, Any]) -> str:
+    """A data set's name, never a local path: `data_name`, else the folder's name."""
+    if result.get("data_name"):
+        return str(result["data_name"])
+    data = str(result.get("data", "unknown")).rstrip("/")
+    return Path(data).name or data
+
+
+def eval_results(trail: list[dict[str, Any]], files: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Every result: those recorded by eval stages in the trail, then those given as files."""
+    results: list[dict[str, Any]] = []
+    for record in trail:
+        if record.get("stage") != "eval":
+            continue
+        items = record.get("results")
+        results += items if isinstance(items, list) else [{k: v for k, v in record.items() if k != "stage"}]
+    results += files
+    seen, unique = set(), []
+    for result in results:
+        key = json.dumps({k: v for k, v in result.items() if k != "_path"}, sort_keys=True, default=str)
+        if key not in seen:
+            seen.add(key)
+            unique.append(result)
+    return unique
+
+
+def eval_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """One row per (result, metric) with query count and interval, for the card's table."""
+    rows = []
+    for result in results:
+        label = result.get("label") or (short_name(result["model"]) if result.get("model") else "")
+        for metric, value in (result.get("metrics") or {}).items():
+            low_high = interval(result, metric)
+            rows.append({
+                "model": label, "data": dataset_name(result), "split": result.get("split") or "",
+                "queries": result.get("n_queries"), "metric": METRIC_TITLES.get(metric, metric),
+                "value": f"{float(value):.4f}",
+                "interval": f"[{low_high[0]:.4f}, {low_high[1]:.4f}]" if low_high else "not computed",
+            })
+        for task, scores in (result.get("mteb") or {}).items():
+            rows.append({"model": label, "data": task, "split": "", "queries": None, "metric": "MTEB main score",
+                         "value": f"{float(scores['main_score']):.4f}", "interval": "not computed"})
+    return rows
+
+
+def limitations(trail: list[dict[str, Any]], results: list[dict[str, Any]], facts: dict[str, Any]) -> list[str]:
+    """What a reader must know before trusting the numbers, computed from the trail."""
+    notes = []
+    synth = find_stage(trail, "synth")
+    train = find_stage(trail, "train")
+    if train is None:
+        notes.append("No training record: this folder's provenance has no train stage, so the card cannot say "
+                     "what the model was trained on.")
+    if synth is not None:
+        generator = synth.get("generator") or "an LLM"
+        notes.append(f"The training pairs are synthetic: queries written by {display(generator, 80)} from the corpus "
+                     "passages; no human-written query was used in training.")
+    if not results:
+        notes.append("Not evaluated: no evaluation results were recorded for this model.")
+    for result in results:
+        n = result.get("n_queries")
+        name = dataset_name(result)
+        if isinstance(n, int) and n < SMALL_EVAL:
+            notes.append(f"{name}: only {n} queries; differences of a few points between models are within noise.")
+        if synth is not None and name == "heldout":
+            notes.append("heldout: the held-out queries come from the same generator as the training queries; "
+                         "they measure fit to that generator, not search quality on real users' queries.")
+        if result.get("metrics") and not any(interval(result, m) for m in result["metrics"]):
+            notes.append(f"{name}: no confidence interval was recorded; treat the numbers as point estimates.")
+    onnx = facts.get("onnx") or {}
+    if onnx.get("int8"):
+        notes.append(f"onnx/model_qint8.onnx is int8 dynamic-quantized: max |diff| "
+                     f"{onnx['int8']['max_abs_diff']:.3g} per coordinate and cosine >= {onnx['int8']['min_cosine']:.4f} "
+                     "against the float model on the export's probe texts.")
+    return list(dict.fromkeys(notes))
