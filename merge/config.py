@@ -68,14 +68,14 @@ class MergeConfig(StrictModel):
     output: str | None = Field(None, description="folder to create (required unless dry_run)")
     method: Literal["slerp", "lerp", "linear"] = Field("slerp", description="slerp, lerp or linear")
     t: Anchors | None = Field(None, description="weight of the second model: 0.5, or anchors over depth '0,0.5,1' "
-                                                "(default 0.5 when neither t nor weights is given)")
+                                                "(unset: 0.5 when weights are not given either)")
     weights: list[float] | None = Field(None, description="one non-negative weight per model (excludes t)")
     base: str | None = Field(None, description="common starting checkpoint: merge the deltas from it")
     schedule_attention: Anchors | None = Field(None, description="t anchors over depth for attention tensors")
     schedule_mlp: Anchors | None = Field(None, description="t anchors over depth for MLP tensors")
     dtype: Literal["float32", "bfloat16", "float16"] | None = Field(None, description="output dtype "
-                                                                                      "(default: the first model's)")
-    lora_base: str | None = Field(None, description="base folder for LoRA adapters (default: their recorded base)")
+                                                                                      "(unset: the first model's)")
+    lora_base: str | None = Field(None, description="base folder for LoRA adapters (unset: their recorded base)")
     overwrite: bool = Field(False, description="replace an existing output folder")
     max_shard_bytes: int = Field(DEFAULT_MAX_SHARD_BYTES, description="largest output shard, bytes or 4GB/500MB")
     dot_threshold: float = Field(methods.DOT_THRESHOLD, description="|cos| above which slerp is lerp")
