@@ -7,6 +7,7 @@ convention of BEIR and MTEB. Queries without judgments are dropped, as BEIR drop
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 from dataclasses import dataclass
@@ -137,6 +138,19 @@ def load_beir(folder: str | os.PathLike, split: str = "test") -> BeirData:
         raise InputError(f"no qrels for split {split!r} (found: {available or 'none'})", path=str(qrels_path))
     qrels = read_qrels(qrels_path, queries, corpus)
     return BeirData({q: queries[q] for q in queries if q in qrels}, corpus, qrels, source=str(root))
+
+
+def fingerprint(folder: str | os.PathLike, split: str = "test") -> str:
+    """sha256 of the three files an evaluation reads (corpus, queries, qrels of `split`): two
+    results are comparable query by query only when they were computed on the same bytes."""
+    root = Path(folder)
+    digest = hashlib.sha256()
+    for path in (root / "corpus.jsonl", root / "queries.jsonl", root / "qrels" / f"{split}.tsv"):
+        digest.update(f"{path.relative_to(root).as_posix()}\0".encode())
+        with open(path, "rb") as fh:
+            for block in iter(lambda: fh.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
 
 
 def validate(data: BeirData) -> None:

@@ -1,77 +1,100 @@
-"""An `Embedder` as an `mteb` model, with the official Qwen3 instruction conventions.
+"""An `Embedder` as an mteb 2 model, with the official Qwen3 task instructions.
 
-mteb is optional and imported lazily. The wrapper follows mteb's encoder protocol as documented
-for mteb 2 (`encode(inputs: DataLoader[BatchedInput], *, task_metadata, hf_split, hf_subset,
-prompt_type)`, `similarity`, `similarity_pairwise`) and still answers mteb 1's
-`encode(sentences, task_name=..., prompt_type=...)`.
+mteb is optional and imported on use (`pip install 'embedforge[mteb]'`). The wrapper follows
+mteb 2's `EncoderProtocol`: `encode(inputs: DataLoader[BatchedInput], *, task_metadata, hf_split,
+hf_subset, prompt_type)`, `similarity`, `similarity_pairwise` and `mteb_model_meta`.
 
-Instruction per task type (what mteb's own Qwen3 wrapper and the official evaluation do):
-retrieval puts the task instruction on queries only; STS and pair classification use
-"Retrieve semantically similar text" on both sides; bitext mining "Retrieve parallel sentences";
-every other type (classification, clustering, reranking, ...) its task instruction on both sides.
-The task instruction is, in order: `task_instructions[task_name]`, the task's own `prompt`
-(mteb metadata; a dict keyed by prompt type is honoured), the default retrieval instruction.
+mteb caches results under `<cache>/results/<model name>/<revision>/`, and reuses a cached score
+whenever name and revision match. The meta therefore carries a revision derived from the weights
+actually loaded (`model_fingerprint`), and the width and instruction settings as mteb
+`experiment_kwargs`, so two models, or one model at two widths, can never share a cache entry.
+
+Which instruction each call gets is `embedforge.eval.qwen3_prompts.qwen3_instruction` (the
+official evaluation's rule and table); `task_instructions` entries take precedence over the
+table. Models trained without instructions (encoders such as MiniLM) get none, unless forced.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
-from collections.abc import Iterable, Mapping, Sequence
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from embedforge.errors import ConfigError, InputError
+from embedforge.eval.qwen3_prompts import TASK_PROMPTS, qwen3_instruction
 from embedforge.eval.retrieval import default_query_instruction
-from embedforge.templates import BITEXT_INSTRUCTION, DEFAULT_RETRIEVAL_INSTRUCTION, STS_INSTRUCTION
-
-SYMMETRIC_TYPES = {"STS", "PairClassification"}
-QUERY_PROMPT_TYPES = {"query"}
-DOCUMENT_PROMPT_TYPES = {"passage", "document"}
 
 
-def _value(prompt_type: Any) -> str | None:
-    """'query' / 'document' / 'passage' from an mteb PromptType enum or a plain string."""
-    if prompt_type is None:
-        return None
-    return str(getattr(prompt_type, "value", prompt_type))
+def import_mteb():
+    try:
+        import mteb
+    except ImportError:
+        raise ConfigError("mteb is not installed; install it with: pip install 'embedforge[mteb]'") from None
+    return mteb
 
 
 def _texts_from(inputs: Any) -> list[str]:
-    """Texts from a list of strings (mteb 1) or an iterable of BatchedInput dicts (mteb 2)."""
+    """Texts from mteb 2's DataLoader of BatchedInput dicts (the `text` field holds a document's
+    title and body already joined, a query's instruction-free text)."""
     if isinstance(inputs, str):
-        raise InputError("expected a list of texts or a DataLoader of batches, got a single string")
+        raise InputError("expected a DataLoader of batches, got a single string")
     texts: list[str] = []
-    for item in inputs:
-        if isinstance(item, str):
-            texts.append(item)
-            continue
-        if not isinstance(item, Mapping):
-            raise InputError(f"expected str or a batch dict, got {type(item).__name__}")
-        if "text" in item:
-            texts.extend(item["text"])
-        elif "body" in item:  # a corpus batch split into title and body
-            titles = item.get("title") or [""] * len(item["body"])
-            texts.extend(f"{t} {b}".strip() for t, b in zip(titles, item["body"]))
-        elif "query" in item:
-            texts.extend(item["query"])
-        else:
-            raise InputError(f"batch has none of the text fields (text, body, query): {sorted(item)}")
+    for batch in inputs:
+        if not isinstance(batch, Mapping) or "text" not in batch:
+            raise InputError(f"expected batch dicts with a 'text' field, got {type(batch).__name__}")
+        texts.extend(batch["text"])
     return texts
 
 
+def _task_prompt(task_metadata: Any) -> str | Mapping[str, str] | None:
+    """The task's own prompt: its metadata's, else its task class's default (mteb's own fallback)."""
+    if getattr(task_metadata, "prompt", None):
+        return task_metadata.prompt
+    from mteb.abstasks.abstask import get_abstask_prompt
+
+    return get_abstask_prompt(task_metadata.name) or None
+
+
+def model_fingerprint(embedder: Any) -> str:
+    """sha256 of the loaded weights (names, dtypes, shapes, bytes) and the embedding spec."""
+    import torch
+
+    digest = hashlib.sha256()
+    spec = getattr(embedder, "spec", None)
+    digest.update(json.dumps(asdict(spec) if spec is not None else {}, sort_keys=True).encode())
+    for name, tensor in embedder.model.state_dict().items():
+        data = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{data.dtype}|{tuple(data.shape)}|".encode())
+        digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
+
+
+def mteb_name(source: str | os.PathLike) -> str:
+    """`org/name` as mteb requires: a Hub id as it is, a local folder as `local/<folder name>`."""
+    text = str(source).rstrip("/")
+    if not os.path.exists(text) and re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+        return text
+    return "local/" + (re.sub(r"[^\w.-]+", "_", Path(text).name) or "model")
+
+
 class MtebEncoder:
-    """Make an embedforge `Embedder` evaluable by mteb.
+    """Make an embedforge `Embedder` evaluable by mteb 2.
 
     Args:
-        embedder: an `Embedder` (anything with `encode(texts, instruction=, dim=, batch_size=)`).
+        embedder: an `Embedder` (anything with `encode(texts, instruction=, dim=, batch_size=)`,
+            `model`, `spec`, `dimension`).
         dim: Matryoshka width for every task (None = full).
-        task_instructions: task name -> instruction, overriding the task's own prompt.
+        task_instructions: task name -> instruction, taking precedence over the Qwen3 table.
         use_instructions: None = only when the model takes instructions (an LLM embedder or a
             stored `Instruct:` prompt); True/False to force.
-        task_types: task name -> mteb task type, for mteb 1 calls that pass only `task_name`
-            (otherwise looked up with mteb itself).
+        name: the model's name in mteb (default: from the embedder's source, see `mteb_name`).
 
     Example:
         >>> import mteb
@@ -86,111 +109,72 @@ class MtebEncoder:
         dim: int | None = None,
         task_instructions: Mapping[str, str] | None = None,
         use_instructions: bool | None = None,
-        task_types: Mapping[str, str] | None = None,
         batch_size: int = 32,
         show_progress: bool = False,
+        name: str | None = None,
     ):
         self.embedder = embedder
         self.dim = dim
         self.task_instructions = dict(task_instructions or {})
         self.use_instructions = (default_query_instruction(embedder) is not None
                                  if use_instructions is None else use_instructions)
-        self.task_types = dict(task_types or {})
         self.batch_size = batch_size
         self.show_progress = show_progress
-
-    # --- instruction choice (pure: testable without mteb) --------------------------------------
+        self.name = name or mteb_name(getattr(embedder, "name", "") or "model")
+        self._meta = None
 
     def instruction_for(self, task_name: str, task_type: str, prompt_type: Any = None,
                         task_prompt: str | Mapping[str, str] | None = None) -> str | None:
         """The instruction for one encode call, or None for none."""
         if not self.use_instructions:
             return None
-        side = _value(prompt_type)
-        if task_type in SYMMETRIC_TYPES:
-            return STS_INSTRUCTION
-        if task_type == "BitextMining":
-            return BITEXT_INSTRUCTION
-        if isinstance(task_prompt, Mapping):
-            task_prompt = task_prompt.get(side or "query") or None
-        instruction = self.task_instructions.get(task_name) or task_prompt
-        if "Retrieval" in task_type:
-            if side in DOCUMENT_PROMPT_TYPES:
-                return None
-            return instruction or DEFAULT_RETRIEVAL_INSTRUCTION
-        return instruction or None
+        table = {**TASK_PROMPTS, **self.task_instructions}
+        return qwen3_instruction(task_name, task_type, prompt_type, task_prompt, table=table)
 
-    def _task(self, task_metadata: Any, task_name: str | None) -> tuple[str, str, Any]:
-        if task_metadata is not None:
-            return task_metadata.name, task_metadata.type, getattr(task_metadata, "prompt", None)
-        if not task_name:
-            raise InputError("encode needs task_metadata (mteb 2) or task_name (mteb 1)")
-        if task_name in self.task_types:
-            return task_name, self.task_types[task_name], None
-        meta = import_mteb().get_task(task_name).metadata
-        return meta.name, meta.type, getattr(meta, "prompt", None)
+    @property
+    def mteb_model_meta(self):
+        """mteb's ModelMeta: a unique name, the weights' fingerprint as revision, the settings as
+        experiment kwargs (built once; needs mteb)."""
+        if self._meta is None:
+            import_mteb()
+            from mteb.models.model_meta import ModelMeta
 
-    # --- the mteb protocol ----------------------------------------------------------------------
+            model = self.embedder.model
+            experiment = {"dim": self.dim, "instructions": "qwen3" if self.use_instructions else "none"}
+            if self.task_instructions:
+                overrides = json.dumps(self.task_instructions, sort_keys=True).encode()
+                experiment["task_instructions"] = hashlib.sha256(overrides).hexdigest()[:12]
+            self._meta = ModelMeta(
+                loader=None, name=self.name, revision=model_fingerprint(self.embedder)[:20],
+                release_date=None, languages=None,
+                n_parameters=sum(p.numel() for p in model.parameters()), memory_usage_mb=None,
+                max_tokens=getattr(self.embedder.spec, "max_length", None),
+                embed_dim=self.dim or self.embedder.dimension, license=None, open_weights=None,
+                public_training_code=None, public_training_data=None, framework=["PyTorch"],
+                similarity_fn_name="cosine", use_instructions=self.use_instructions, training_datasets=None,
+                experiment_kwargs={k: v for k, v in experiment.items() if v is not None},
+            )
+        return self._meta
 
-    def encode(
-        self,
-        inputs: Iterable[Any] | Sequence[str],
-        *,
-        task_metadata: Any = None,
-        hf_split: str | None = None,
-        hf_subset: str | None = None,
-        prompt_type: Any = None,
-        task_name: str | None = None,
-        **kwargs: Any,
-    ) -> np.ndarray:
+    def encode(self, inputs: Iterable[Any], *, task_metadata: Any, hf_split: str | None = None,
+               hf_subset: str | None = None, prompt_type: Any = None, **kwargs: Any) -> np.ndarray:
         """Embeddings (float32, L2-normalised, `dim` wide) of the inputs, in order."""
-        name, task_type, task_prompt = self._task(task_metadata, task_name)
-        instruction = self.instruction_for(name, task_type, prompt_type, task_prompt)
+        instruction = self.instruction_for(task_metadata.name, task_metadata.type, prompt_type,
+                                           _task_prompt(task_metadata))
         texts = _texts_from(inputs)
         if not texts:
             return np.zeros((0, self.dim or self.embedder.dimension), dtype=np.float32)
         return self.embedder.encode(texts, instruction=instruction, dim=self.dim,
-                                    batch_size=kwargs.get("batch_size", self.batch_size),
+                                    batch_size=kwargs.get("batch_size") or self.batch_size,
                                     show_progress=self.show_progress)
 
-    def similarity(self, embeddings1: Any, embeddings2: Any) -> np.ndarray:
-        """Cosine similarity matrix."""
-        a, b = _normalise(embeddings1), _normalise(embeddings2)
-        return a @ b.T
+    def similarity(self, embeddings1: Any, embeddings2: Any):
+        """Cosine similarity matrix, computed by mteb's own function."""
+        from mteb.similarity_functions import cos_sim
 
-    def similarity_pairwise(self, embeddings1: Any, embeddings2: Any) -> np.ndarray:
-        a, b = _normalise(embeddings1), _normalise(embeddings2)
-        return (a * b).sum(axis=1)
+        return cos_sim(embeddings1, embeddings2)
 
+    def similarity_pairwise(self, embeddings1: Any, embeddings2: Any):
+        from mteb.similarity_functions import pairwise_cos_sim
 
-def _normalise(x: Any) -> np.ndarray:
-    x = np.asarray(x.detach().cpu() if hasattr(x, "detach") else x, dtype=np.float32)
-    if x.ndim == 1:
-        x = x[None, :]
-    return x / np.linalg.norm(x, axis=1, keepdims=True).clip(min=1e-12)
-
-
-def import_mteb():
-    try:
-        import mteb
-    except ImportError:
-        raise ConfigError("mteb is not installed; install it with: pip install 'embedforge[mteb]'") from None
-    return mteb
-
-
-def run_mteb(encoder: MtebEncoder, task_names: Sequence[str], output_folder: str | os.PathLike | None = None,
-             ) -> dict[str, Any]:
-    """Run mteb tasks (needs the Hugging Face Hub for the data sets); {task: main score, ...}."""
-    mteb = import_mteb()
-    tasks = mteb.get_tasks(tasks=list(task_names))
-    if hasattr(mteb, "evaluate"):  # mteb 2
-        results = mteb.evaluate(encoder, tasks=tasks)
-        task_results = getattr(results, "task_results", results)
-    else:  # mteb 1
-        task_results = mteb.MTEB(tasks=tasks).run(encoder, output_folder=str(output_folder) if output_folder else None)
-    out: dict[str, Any] = {}
-    for result in task_results:
-        scores = result.to_dict() if hasattr(result, "to_dict") else {}
-        out[result.task_name] = {"main_score": float(result.get_score()),
-                                 "scores": json.loads(json.dumps(scores, default=str))}
-    return out
+        return pairwise_cos_sim(embeddings1, embeddings2)
