@@ -1,13 +1,17 @@
 """The synthesis run: passages in, training pairs with provenance out, resumable and shardable.
 
-Retrieval pairs follow the Qwen3 Embedding report's two calls (configuration, then query); bitext,
-STS and classification take one call each. Every passage is one coroutine; the backend batches
-or sends its requests concurrently.
+Retrieval pairs come from one of two prompt strategies. `persona` is the Qwen3 Embedding
+report's flow for capable models: call (a) picks a character from the personas retrieved for the
+passage, a question type and a difficulty; call (b) writes the query. `one_call` suits small
+models: one call names the passage's topic and writes several queries of different types, with
+worked examples in the prompt (and their shared prefix computed once per batch). `auto` picks
+`one_call` for a generator under 1B parameters, else `persona`. Bitext, STS and classification
+take one call each. Every task that takes one call is a row of `SINGLE_CALL_TASKS`.
 
 Guarantees:
 - Sharding: passage p belongs to shard `hash(p.id) % num_shards`; shards are disjoint and cover
   the corpus, so any scheduler can fan out with `--shard-index/--num-shards`.
-- Resume: a passage is finished once its row (or its final content failure) is in the shard
+- Resume: a passage is finished once its rows (or its final content failure) are in the shard
   files; a rerun skips exactly those. Transport failures (server down, timeouts after retries)
   leave the passage pending for the next run instead of recording it as failed.
 - Reproducibility: the task, language, length and request seeds of a passage come from
@@ -23,7 +27,7 @@ import logging
 import random
 import time
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +41,7 @@ from embedforge.data_synth.corpus import Passage, normalize_text, shard_of
 from embedforge.data_synth.language import LANGUAGE_NAMES, is_wrong_language, language_name
 from embedforge.data_synth.personas import Persona, PersonaRetriever
 from embedforge.data_synth.prompt_templates import PromptTemplate, load_template
-from embedforge.data_synth.schemas import OutputError, parse_output
+from embedforge.data_synth.schemas import OutputError, decoding_schema, parse_output
 from embedforge.data_synth.shards import AppendOnlyShard, shard_name
 from embedforge.errors import ConfigError
 from embedforge.io import write_json
@@ -46,12 +50,8 @@ from embedforge.templates import BITEXT_INSTRUCTION, DEFAULT_RETRIEVAL_INSTRUCTI
 logger = logging.getLogger(__name__)
 
 TASKS = ("retrieval", "bitext", "sts", "classification")
-TASK_TEMPLATES = {
-    "retrieval": ("retrieval_config", "retrieval_query"),
-    "bitext": ("bitext",),
-    "sts": ("sts",),
-    "classification": ("classification",),
-}
+STRATEGIES = ("persona", "one_call")
+SMALL_GENERATOR = 1_000_000_000  # parameters; below this `auto` chooses the one-call strategy
 # Lengths in words, sampled per passage (the report samples a length into each requirement).
 DEFAULT_LENGTHS = {
     "retrieval": [4, 8, 15, 25],
@@ -68,9 +68,57 @@ QUESTION_TYPE_HELP = {
 }
 
 
-class SynthConfig(StrictModel):
-    """Everything that decides what a synthesis run produces; recorded in its manifest."""
+@dataclass(frozen=True)
+class Sampling:
+    temperature: float
+    top_p: float
+    max_new_tokens: int
 
+
+# Sampling that suits each strategy, used where the config leaves a value unset. The persona flow
+# decodes at 1.0 as the report and e5-mistral do (a capable model stays coherent and varies);
+# a 135M model at 1.0 drifts off its passage, so the one-call strategy samples close to greedy,
+# and its bounded JSON reply (schemas.PassageQueries) fits in 112 tokens.
+STRATEGY_SAMPLING = {
+    "persona": Sampling(temperature=1.0, top_p=1.0, max_new_tokens=256),
+    "one_call": Sampling(temperature=0.3, top_p=0.9, max_new_tokens=112),
+}
+
+
+class SynthConfig(StrictModel):
+    """Everything `synthesize` needs, from the corpus to the generator; recorded in the manifest.
+
+    The paths are optional so a recipe can embed this config and let the pipeline fill them;
+    `synthesize` raises a ConfigError naming any that is still missing.
+    """
+
+    # --- input and output
+    corpus: str | None = Field(default=None, description="JSONL (id, text), Parquet, or a folder of .txt/.md")
+    output: str | None = Field(default=None, description="output folder (created; reused to resume)")
+    chunk_tokens: int | None = Field(default=256, ge=1, description="passage size in tokens; none: whole docs")
+    overlap: int = Field(default=32, ge=0, description="tokens shared by consecutive passages")
+    tokenizer: str | None = Field(default=None, description="tokenizer for chunking (default: whitespace words)")
+    num: int | None = Field(default=None, ge=1, description="use the first N passages of the corpus")
+    # --- the generator
+    backend: Literal["transformers", "openai", "vllm"] = "transformers"
+    model: str | None = Field(default=None, description="generator: folder / Hub id, or the served name (openai)")
+    strategy: Literal["auto", "persona", "one_call"] = Field(
+        default="auto", description="retrieval prompts: persona (two calls), one_call (small models), auto"
+    )
+    constrained_decoding: bool = Field(default=True, description="replies valid JSON of the schema by construction")
+    temperature: float | None = Field(default=None, ge=0, description="default: the strategy's")
+    top_p: float | None = Field(default=None, gt=0, le=1, description="default: the strategy's")
+    max_new_tokens: int | None = Field(default=None, ge=1, description="default: the strategy's")
+    max_attempts: int = Field(default=3, ge=1, description="LLM calls per step before a passage is given up")
+    device: str | None = None
+    dtype: str = "auto"
+    batch_size: int = Field(default=8, ge=1, description="transformers/vllm: prompts per batch")
+    base_url: str = Field(default="http://127.0.0.1:8000/v1", description="openai backend: server root")
+    api_key_env: str = Field(default="OPENAI_API_KEY", description="openai backend: env var with the key")
+    concurrency: int = Field(default=8, ge=1, description="openai backend: requests in flight")
+    timeout: float = Field(default=120.0, gt=0, description="openai backend: seconds per request")
+    max_retries: int = Field(default=4, ge=0, description="openai backend: retries per request")
+    # --- what to write
     tasks: list[Literal["retrieval", "bitext", "sts", "classification"]] = Field(
         default_factory=lambda: ["retrieval"]
     )
@@ -81,23 +129,28 @@ class SynthConfig(StrictModel):
         description="target languages of bitext translations",
     )
     lengths: dict[str, list[int]] = Field(default_factory=lambda: dict(DEFAULT_LENGTHS))
-    num: int | None = Field(default=None, ge=1, description="use the first N passages of the corpus")
     seed: int = 0
-    temperature: float = Field(default=1.0, ge=0)
-    top_p: float = Field(default=1.0, gt=0, le=1)
-    max_new_tokens: int = Field(default=256, ge=1)
-    json_mode: bool = False
-    max_attempts: int = Field(default=3, ge=1, description="LLM calls per step before a passage is given up")
+    personas: str | None = Field(default=None, description='persona JSONL ({"persona": ...}); default: built-in')
+    persona_embedder: str | None = Field(
+        default="builtin:minilm", description="embedder that retrieves personas; none: bag of words"
+    )
     persona_top_k: int = Field(default=5, ge=1)
+    judge: str | None = Field(
+        default="builtin:minilm", description="embedder that measures the on-topic rate; none: skip"
+    )
     prompts_dir: str | None = None
     template_versions: dict[str, int] = Field(default_factory=dict)
+    # --- scale
     shard_index: int = Field(default=0, ge=0)
     num_shards: int = Field(default=1, ge=1)
-    max_inflight: int = Field(default=64, ge=1, description="passages in progress at once")
+    max_inflight: int | None = Field(
+        default=None, ge=1, description="passages in progress at once (default 64; openai: 2 x concurrency)"
+    )
     max_consecutive_transport_failures: int = Field(
         default=16, ge=1, description="stop (resumably) after this many in a row"
     )
     fsync: bool = True
+    progress: bool = False
 
     @field_validator("languages", "bitext_languages")
     @classmethod
@@ -122,27 +175,31 @@ class SynthConfig(StrictModel):
         for task in self.tasks:
             if not self.lengths.get(task) or min(self.lengths[task]) < 1:
                 raise ValueError(f"lengths.{task}: at least one positive length in words")
+        if self.chunk_tokens is not None and self.overlap >= self.chunk_tokens:
+            raise ValueError(f"overlap ({self.overlap}) must be < chunk_tokens ({self.chunk_tokens})")
         return self
 
-    def fingerprint(self) -> dict[str, Any]:
-        """What must not change between a run and its resumption (else the shards would mix recipes)."""
-        keep = (
-            "tasks",
-            "task_weights",
-            "languages",
-            "bitext_languages",
-            "lengths",
-            "num",
-            "seed",
-            "temperature",
-            "top_p",
-            "max_new_tokens",
-            "json_mode",
-            "max_attempts",
-            "persona_top_k",
-            "num_shards",
+    def inflight(self) -> int:
+        if self.max_inflight is not None:
+            return self.max_inflight
+        return max(8, 2 * self.concurrency) if self.backend == "openai" else 64
+
+    def sampling(self, strategy: str) -> Sampling:
+        """The strategy's sampling defaults, overridden by any value set here."""
+        base = STRATEGY_SAMPLING[strategy]
+        return Sampling(
+            temperature=base.temperature if self.temperature is None else self.temperature,
+            top_p=base.top_p if self.top_p is None else self.top_p,
+            max_new_tokens=base.max_new_tokens if self.max_new_tokens is None else self.max_new_tokens,
         )
-        return {k: getattr(self, k) for k in keep}
+
+
+def resolve_strategy(strategy: str, backend: Backend) -> str:
+    """`auto`: the one-call strategy for a generator known to be small, else the persona flow."""
+    if strategy != "auto":
+        return strategy
+    size = getattr(backend, "num_parameters", None)
+    return "one_call" if size is not None and size < SMALL_GENERATOR else "persona"
 
 
 @dataclass
@@ -177,6 +234,7 @@ class RunReport:
     passages_in_shard: int = 0
     skipped_already_done: int = 0
     rows_written: int = 0
+    passages_with_rows: int = 0  # a one-call passage writes several rows
     passages_failed: dict[str, int] = field(default_factory=dict)  # final content failure cause -> passages
     invalid_outputs: dict[str, int] = field(default_factory=dict)  # every rejected reply, retried or not
     transport_failures: dict[str, int] = field(default_factory=dict)  # left pending for a rerun
@@ -214,6 +272,66 @@ def match_persona(character: str, candidates: Sequence[Persona]) -> Persona | No
     return None
 
 
+# --- tasks that take one call: a table of specs -----------------------------------------------------
+
+
+def _pair(query: str, positive: str, negatives: list[str], instruction: str) -> dict[str, Any]:
+    return {"query": query, "positive": positive, "negatives": negatives, "instruction": instruction}
+
+
+@dataclass(frozen=True)
+class CallSpec:
+    """A task answered by one call: its template, the fields held to the requested language, and
+    how a validated reply becomes training rows (each with what it adds to `sampled`)."""
+
+    template: str
+    language_fields: tuple[str, ...]
+    rows: Callable[[Any, Passage], list[tuple[dict[str, Any], dict[str, Any]]]]
+
+
+def _one_call_rows(out, passage: Passage) -> list[tuple[dict[str, Any], dict[str, Any]]]:
+    rows, seen = [], set()
+    for question_type, query in out.queries():
+        key = normalize_text(query)
+        if key in seen:  # a small model may repeat one query under two keys: keep it once
+            continue
+        seen.add(key)
+        rows.append((_pair(query, passage.text, [], DEFAULT_RETRIEVAL_INSTRUCTION),
+                     {"question_type": question_type, "topic": out.topic}))
+    return rows
+
+
+SINGLE_CALL_TASKS: dict[str, CallSpec] = {
+    "bitext": CallSpec(
+        "bitext", ("translation",),
+        lambda out, _: [(_pair(out.source, out.translation, [], BITEXT_INSTRUCTION), {})],
+    ),
+    "sts": CallSpec(
+        "sts", ("sentence", "paraphrase", "contrast"),
+        lambda out, _: [(_pair(out.sentence, out.paraphrase, [out.contrast], STS_INSTRUCTION), {})],
+    ),
+    "classification": CallSpec(
+        "classification", ("text",),
+        lambda out, _: [(_pair(out.text, out.label, [out.misleading_label], out.task), {"label": out.label})],
+    ),
+    "retrieval_one_call": CallSpec("retrieval_one_call", ("question", "summary"), _one_call_rows),
+}
+PERSONA_TEMPLATES = ("retrieval_config", "retrieval_query")
+
+
+def task_templates(task: str, strategy: str) -> tuple[str, ...]:
+    """The templates a task uses under a strategy."""
+    if task == "retrieval":
+        return PERSONA_TEMPLATES if strategy == "persona" else (SINGLE_CALL_TASKS["retrieval_one_call"].template,)
+    return (SINGLE_CALL_TASKS[task].template,)
+
+
+def _call_spec(task: str, strategy: str) -> CallSpec | None:
+    if task == "retrieval":
+        return None if strategy == "persona" else SINGLE_CALL_TASKS["retrieval_one_call"]
+    return SINGLE_CALL_TASKS[task]
+
+
 class SynthesisRun:
     """One shard of one synthesis job. Build it, then call `run(passages)`."""
 
@@ -229,12 +347,14 @@ class SynthesisRun:
         self.backend = backend
         self.out = Path(output_dir)
         self.show_progress = show_progress
-        if "retrieval" in config.tasks and retriever is None:
-            raise ConfigError("the retrieval task needs a PersonaRetriever")
+        self.strategy = resolve_strategy(config.strategy, backend)
+        self.sampling = config.sampling(self.strategy)
+        if "retrieval" in config.tasks and self.strategy == "persona" and retriever is None:
+            raise ConfigError("the persona strategy of the retrieval task needs a PersonaRetriever")
         self.retriever = retriever
         self.templates: dict[str, PromptTemplate] = {}
         for task in config.tasks:
-            for name in TASK_TEMPLATES[task]:
+            for name in task_templates(task, self.strategy):
                 self.templates[name] = load_template(
                     name, config.template_versions.get(name), config.prompts_dir
                 )
@@ -254,14 +374,30 @@ class SynthesisRun:
     def template_info(self) -> dict[str, dict[str, Any]]:
         return {name: {"version": t.version, "sha256": t.sha} for name, t in self.templates.items()}
 
+    def decoding(self) -> str:
+        """How replies are held to their schema: grammar, server format level, or the prompt alone."""
+        if not self.config.constrained_decoding:
+            return "prompt"
+        return getattr(self.backend, "structured_mode", "json_schema")
+
+    def fingerprint(self) -> dict[str, Any]:
+        """What must not change between a run and its resumption (else the shards would mix recipes)."""
+        keep = ("tasks", "task_weights", "languages", "bitext_languages", "lengths", "num", "seed",
+                "max_attempts", "persona_top_k", "num_shards", "constrained_decoding")
+        return {**{k: getattr(self.config, k) for k in keep}, "strategy": self.strategy,
+                **asdict(self.sampling)}
+
     def manifest(self, corpus_info: dict[str, Any], history: list[dict[str, Any]]) -> dict[str, Any]:
         return {
             "kind": "embedforge.synth",
             "embedforge_version": __version__,
             "generator": self.generator_info(),
+            "strategy": self.strategy,
+            "decoding": self.decoding(),
+            "sampling": asdict(self.sampling),
             "templates": self.template_info(),
             "config": self.config.model_dump(),
-            "fingerprint": self.config.fingerprint(),
+            "fingerprint": self.fingerprint(),
             "corpus": corpus_info,
             "files": {"pairs": self.pairs_path.name, "failed": self.failed_path.name},
             "report": asdict(self.report),
@@ -273,7 +409,7 @@ class SynthesisRun:
         if not self.manifest_path.exists():
             return []
         old = json.loads(self.manifest_path.read_text(encoding="utf-8"))
-        changes = [k for k, v in self.config.fingerprint().items() if old.get("fingerprint", {}).get(k) != v]
+        changes = [k for k, v in self.fingerprint().items() if old.get("fingerprint", {}).get(k) != v]
         if old.get("generator") != self.generator_info():
             changes.append("generator")
         if old.get("templates") != self.template_info():
@@ -300,6 +436,7 @@ class SynthesisRun:
         report.passages_in_shard = len(todo_all)
         report.skipped_already_done = sum(p.id in done for p in todo_all)
         report.rows_written = len(pairs.rows)
+        report.passages_with_rows = len({r["passage_id"] for r in pairs.rows})
         report.tasks = dict(Counter(r["task"] for r in pairs.rows))
         report.passages_failed = dict(Counter(r["cause"] for r in failed.rows))
         todo = [p for p in todo_all if p.id not in done]
@@ -320,7 +457,7 @@ class SynthesisRun:
             failed.close()
             report.seconds = round(time.monotonic() - began, 3)
             report.pending = (
-                report.passages_in_shard - report.rows_written - sum(report.passages_failed.values())
+                report.passages_in_shard - report.passages_with_rows - sum(report.passages_failed.values())
             )
             report.status = (
                 ("complete" if report.pending == 0 else "incomplete") if finished else "interrupted"
@@ -332,6 +469,7 @@ class SynthesisRun:
                     "invalid_outputs": report.invalid_outputs,
                     "transport_failures": report.transport_failures,
                     "llm_calls": report.llm_calls,
+                    "decoding": self.decoding(),
                 }
             )
             write_json(self.manifest_path, self.manifest(corpus_info, history + [self._invocation]))
@@ -344,7 +482,8 @@ class SynthesisRun:
             from tqdm.auto import tqdm
 
             progress = tqdm(total=len(todo), desc=f"synth {self.report.shard}", unit="passage")
-        semaphore = asyncio.Semaphore(self.config.max_inflight)
+        inflight = self.config.inflight()
+        semaphore = asyncio.Semaphore(inflight)
         stopped = False
 
         async def one(passage: Passage, plan: PassagePlan, candidates: list[Persona]) -> None:
@@ -360,7 +499,7 @@ class SynthesisRun:
                     progress.update(1)
 
         try:
-            chunk = max(256, 4 * self.config.max_inflight)  # personas are retrieved a chunk at a time
+            chunk = max(256, 4 * inflight)  # personas are retrieved a chunk at a time
             for start in range(0, len(todo), chunk):
                 part = todo[start : start + chunk]
                 plans = [plan_passage(p.id, self.config) for p in part]
@@ -379,7 +518,7 @@ class SynthesisRun:
             await caller.aclose()
 
     def _personas_for(self, part: list[Passage], plans: list[PassagePlan]) -> list[list[Persona]]:
-        need = [i for i, plan in enumerate(plans) if plan.task == "retrieval"]
+        need = [i for i, plan in enumerate(plans) if plan.task == "retrieval" and self.strategy == "persona"]
         out: list[list[Persona]] = [[] for _ in part]
         if need:
             for i, found in zip(need, self.retriever.retrieve([part[i].text for i in need])):
@@ -394,10 +533,13 @@ class SynthesisRun:
             self.report.passages_failed[record["cause"]] = (
                 self.report.passages_failed.get(record["cause"], 0) + 1
             )
-        else:
-            pairs.append(record)
-            self.report.rows_written += 1
-            self.report.tasks[record["task"]] = self.report.tasks.get(record["task"], 0) + 1
+            return
+        rows = record["rows"]
+        pairs.append_group(rows)
+        self.report.rows_written += len(rows)
+        self.report.passages_with_rows += 1
+        task = rows[0]["task"]
+        self.report.tasks[task] = self.report.tasks.get(task, 0) + len(rows)
 
     async def _ask(
         self,
@@ -412,7 +554,10 @@ class SynthesisRun:
         """Call the LLM until the reply validates (at most max_attempts); the parsed output."""
         messages = template.render(**values)
         params = GenerationParams(
-            self.config.temperature, self.config.top_p, self.config.max_new_tokens, self.config.json_mode
+            self.sampling.temperature,
+            self.sampling.top_p,
+            self.sampling.max_new_tokens,
+            json_schema=decoding_schema(template.schema) if self.config.constrained_decoding else None,
         )
         last: OutputError | None = None
         for attempt in range(self.config.max_attempts):
@@ -441,104 +586,63 @@ class SynthesisRun:
     def _count(counter: dict[str, int], key: str) -> None:
         counter[key] = counter.get(key, 0) + 1
 
+    async def _persona_flow(self, caller, passage: Passage, plan: PassagePlan, candidates: list[Persona],
+                            sampled: dict[str, Any], attempts: dict[str, int]):
+        """The report's two calls: a configuration from the retrieved personas, then the query."""
+        sampled["personas"] = [p.id for p in candidates]
+        persona_list = "\n".join(f"{i}. {p.text}" for i, p in enumerate(candidates, start=1))
+        chosen = await self._ask(
+            caller, self.templates["retrieval_config"], {"passage": passage.text, "personas": persona_list},
+            plan.seed, None, (), attempts,
+        )
+        persona = match_persona(chosen.character, candidates)
+        sampled.update(
+            character=chosen.character,
+            persona_id=persona.id if persona else None,
+            question_type=chosen.question_type,
+            difficulty=chosen.difficulty,
+        )
+        out = await self._ask(
+            caller,
+            self.templates["retrieval_query"],
+            {
+                "character": chosen.character,
+                "passage": passage.text,
+                "question_type": chosen.question_type,
+                "question_type_help": QUESTION_TYPE_HELP[chosen.question_type],
+                "difficulty": chosen.difficulty.replace("_", " "),
+                "length": plan.length,
+                "language": language_name(plan.language),
+            },
+            plan.seed + 1,
+            plan.language,
+            ("query",),
+            attempts,
+        )
+        return [(_pair(out.query, passage.text, [], DEFAULT_RETRIEVAL_INSTRUCTION), {})]
+
+    async def _single_call(self, caller, spec: CallSpec, passage: Passage, plan: PassagePlan,
+                           attempts: dict[str, int]):
+        template = self.templates[spec.template]
+        values = {"passage": passage.text, "length": plan.length, "language": language_name(plan.language)}
+        missing = {"passage"} - template.slots
+        if missing:
+            raise ConfigError(f"template {template.tag} ({template.path}) must use the slot(s) {sorted(missing)}")
+        values = {k: v for k, v in values.items() if k in template.slots}
+        out = await self._ask(caller, template, values, plan.seed, plan.language, spec.language_fields, attempts)
+        return spec.rows(out, passage)
+
     async def _synthesise(
         self, caller, passage: Passage, plan: PassagePlan, candidates: list[Persona]
     ) -> dict[str, Any]:
         attempts: dict[str, int] = {}
         sampled: dict[str, Any] = {"task": plan.task, "language": plan.language, "length": plan.length}
-        lang = language_name(plan.language)
+        spec = _call_spec(plan.task, self.strategy)
         try:
-            if plan.task == "retrieval":
-                sampled["personas"] = [p.id for p in candidates]
-                persona_list = "\n".join(f"{i}. {p.text}" for i, p in enumerate(candidates, start=1))
-                chosen = await self._ask(
-                    caller,
-                    self.templates["retrieval_config"],
-                    {"passage": passage.text, "personas": persona_list},
-                    plan.seed,
-                    None,
-                    (),
-                    attempts,
-                )
-                persona = match_persona(chosen.character, candidates)
-                sampled.update(
-                    character=chosen.character,
-                    persona_id=persona.id if persona else None,
-                    question_type=chosen.question_type,
-                    difficulty=chosen.difficulty,
-                )
-                out = await self._ask(
-                    caller,
-                    self.templates["retrieval_query"],
-                    {
-                        "character": chosen.character,
-                        "passage": passage.text,
-                        "question_type": chosen.question_type,
-                        "question_type_help": QUESTION_TYPE_HELP[chosen.question_type],
-                        "difficulty": chosen.difficulty.replace("_", " "),
-                        "length": plan.length,
-                        "language": lang,
-                    },
-                    plan.seed + 1,
-                    plan.language,
-                    ("query",),
-                    attempts,
-                )
-                pair = {
-                    "query": out.query,
-                    "positive": passage.text,
-                    "negatives": [],
-                    "instruction": DEFAULT_RETRIEVAL_INSTRUCTION,
-                }
-            elif plan.task == "bitext":
-                out = await self._ask(
-                    caller,
-                    self.templates["bitext"],
-                    {"passage": passage.text, "length": plan.length, "language": lang},
-                    plan.seed,
-                    plan.language,
-                    ("translation",),
-                    attempts,
-                )
-                pair = {
-                    "query": out.source,
-                    "positive": out.translation,
-                    "negatives": [],
-                    "instruction": BITEXT_INSTRUCTION,
-                }
-            elif plan.task == "sts":
-                out = await self._ask(
-                    caller,
-                    self.templates["sts"],
-                    {"passage": passage.text, "length": plan.length, "language": lang},
-                    plan.seed,
-                    plan.language,
-                    ("sentence", "paraphrase", "contrast"),
-                    attempts,
-                )
-                pair = {
-                    "query": out.sentence,
-                    "positive": out.paraphrase,
-                    "negatives": [out.contrast],
-                    "instruction": STS_INSTRUCTION,
-                }
+            if spec is None:
+                made = await self._persona_flow(caller, passage, plan, candidates, sampled, attempts)
             else:
-                out = await self._ask(
-                    caller,
-                    self.templates["classification"],
-                    {"passage": passage.text, "length": plan.length, "language": lang},
-                    plan.seed,
-                    plan.language,
-                    ("text",),
-                    attempts,
-                )
-                sampled["label"] = out.label
-                pair = {
-                    "query": out.text,
-                    "positive": out.label,
-                    "negatives": [out.misleading_label],
-                    "instruction": out.task,
-                }
+                made = await self._single_call(caller, spec, passage, plan, attempts)
         except _ContentFailure as failure:
             return {
                 "status": "failed",
@@ -551,31 +655,35 @@ class SynthesisRun:
             }
         except _TransportFailure:  # not recorded: the passage stays pending for the next run
             return {"status": "pending", "passage_id": passage.id}
-        return {
-            **pair,
-            "task": plan.task,
-            "dataset": f"synth-{plan.task}",
-            "language": plan.language,
-            "passage_id": passage.id,
-            "provenance": self._provenance(passage, plan, sampled, attempts),
-        }
+        rows = []
+        for index, (pair, extra) in enumerate(made):
+            provenance = self._provenance(passage, plan, {**sampled, **extra}, attempts)
+            if len(made) > 1:
+                provenance["group"] = [index, len(made)]
+            rows.append({
+                **pair,
+                "task": plan.task,
+                "dataset": f"synth-{plan.task}",
+                "language": plan.language,
+                "passage_id": passage.id,
+                "provenance": provenance,
+            })
+        return {"rows": rows}
 
     def _provenance(
         self, passage: Passage, plan: PassagePlan, sampled: dict[str, Any], attempts: dict[str, int]
     ) -> dict[str, Any]:
-        used = TASK_TEMPLATES[plan.task]
+        used = task_templates(plan.task, self.strategy)
         return {
             "generator": self.generator_info(),
+            "strategy": self.strategy if plan.task == "retrieval" else "one_call",
+            "decoding": self.decoding(),
             "templates": {n: f"{n}.v{self.templates[n].version}@{self.templates[n].sha}" for n in used},
             "sampled": sampled,
             "seed": plan.seed,
             "run_seed": self.config.seed,
             "attempts": attempts,
-            "sampling": {
-                "temperature": self.config.temperature,
-                "top_p": self.config.top_p,
-                "max_new_tokens": self.config.max_new_tokens,
-            },
+            "sampling": asdict(self.sampling),
             "passage": {
                 "id": passage.id,
                 "doc_id": passage.doc_id,

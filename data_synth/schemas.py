@@ -65,8 +65,13 @@ class _Output(BaseModel):
         return value
 
 
+# Upper bounds on each text field, in characters. With constrained decoding they also bound a reply's
+# length, so a model that rambles inside a string still closes the object within max_new_tokens.
+SHORT, SENTENCE, TEXT = 120, 300, 800
+
+
 class RetrievalConfig(_Output):
-    character: str = Field(validation_alias=AliasChoices("character", "Character"))
+    character: str = Field(validation_alias=AliasChoices("character", "Character"), max_length=SENTENCE)
     question_type: Literal[QUESTION_TYPES] = Field(
         validation_alias=AliasChoices("question_type", "Question_Type", "Question_type", "type")
     )
@@ -79,12 +84,33 @@ class RetrievalConfig(_Output):
 
 
 class RetrievalQuery(_Output):
-    query: str = Field(validation_alias=AliasChoices("query", "Query"))
+    query: str = Field(validation_alias=AliasChoices("query", "Query"), max_length=SENTENCE)
+
+
+class PassageQueries(_Output):
+    """One call, several queries of different types for one passage (the small-model strategy).
+
+    `topic` comes first on purpose: a small model that has just named the passage's subject keeps
+    to it in the queries that follow. The keys are the query types; QUERY_TYPES maps them to the
+    question types of the two-stage flow, so coverage reports compare both.
+    """
+
+    topic: str = Field(max_length=60)
+    question: str = Field(max_length=SHORT)
+    keywords: str = Field(max_length=80)
+    summary: str = Field(max_length=SHORT)
+
+    def queries(self) -> list[tuple[str, str]]:
+        """(question type, query) pairs, in the order the model wrote them."""
+        return [(QUERY_TYPES[key], getattr(self, key)) for key in QUERY_TYPES]
+
+
+QUERY_TYPES = {"question": "acquire_knowledge", "keywords": "keywords", "summary": "summary"}
 
 
 class BitextPair(_Output):
-    source: str
-    translation: str
+    source: str = Field(max_length=TEXT)
+    translation: str = Field(max_length=TEXT)
 
     @model_validator(mode="after")
     def _differ(self):
@@ -94,9 +120,9 @@ class BitextPair(_Output):
 
 
 class StsTriple(_Output):
-    sentence: str
-    paraphrase: str
-    contrast: str
+    sentence: str = Field(max_length=SENTENCE)
+    paraphrase: str = Field(max_length=SENTENCE)
+    contrast: str = Field(max_length=SENTENCE)
 
     @model_validator(mode="after")
     def _distinct(self):
@@ -106,10 +132,10 @@ class StsTriple(_Output):
 
 
 class ClassificationExample(_Output):
-    task: str
-    text: str
-    label: str
-    misleading_label: str
+    task: str = Field(max_length=SENTENCE)
+    text: str = Field(max_length=TEXT)
+    label: str = Field(max_length=SHORT)
+    misleading_label: str = Field(max_length=SHORT)
 
     @model_validator(mode="after")
     def _labels_differ(self):
@@ -120,8 +146,27 @@ class ClassificationExample(_Output):
 
 SCHEMAS: dict[str, type[_Output]] = {
     cls.__name__: cls
-    for cls in (RetrievalConfig, RetrievalQuery, BitextPair, StsTriple, ClassificationExample)
+    for cls in (RetrievalConfig, RetrievalQuery, PassageQueries, BitextPair, StsTriple, ClassificationExample)
 }
+
+
+def decoding_schema(schema: str | type[_Output]) -> str:
+    """The JSON Schema a constrained decoder enforces for `schema`, as canonical JSON text.
+
+    Every field is required, no other key is allowed, and strings are non-empty and bounded, so
+    a reply that follows it parses and passes the pydantic model's type checks.
+    """
+    model = SCHEMAS[schema] if isinstance(schema, str) else schema
+    source = model.model_json_schema()
+    properties = {}
+    for name, prop in source["properties"].items():
+        prop = {k: v for k, v in prop.items() if k != "title"}
+        if prop.get("type") == "string" and "enum" not in prop:
+            prop["minLength"] = max(1, prop.get("minLength", 1))
+        properties[name] = prop
+    out = {"type": "object", "properties": properties, "required": list(properties),
+           "additionalProperties": False}
+    return json.dumps(out)  # key order kept: a constrained decoder writes the properties in this order
 
 
 def extract_json(text: str | None) -> dict:

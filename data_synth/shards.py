@@ -1,9 +1,10 @@
 """Append-only JSONL shards that survive a kill at any instant.
 
-Each finished passage is one line, written with a single `write`, flushed and fsynced before the
-next. A kill can therefore tear only the last line; reopening truncates a torn tail, so the
-passage is redone once: never duplicated, never lost. The set of passage ids already in the
-shard is what a resumed run skips.
+Each finished passage is one line, or one group of lines when a call wrote several queries for
+it, written with a single `write`, flushed and fsynced before the next. A kill can therefore
+tear only the last line or group; reopening truncates a torn tail (a partial line, or a group
+with fewer lines than it declares), so the passage is redone once: never duplicated, never lost.
+The set of passage ids already in the shard is what a resumed run skips.
 """
 
 from __future__ import annotations
@@ -20,20 +21,34 @@ def shard_name(prefix: str, shard_index: int, num_shards: int, suffix: str = "js
     return f"{prefix}-{shard_index:05d}-of-{num_shards:05d}.{suffix}"
 
 
+def _torn_group(rows: list[dict[str, Any]]) -> int:
+    """How many trailing rows are the start of a group cut short by a kill (0 if none).
+
+    A group's rows carry `provenance.group = [index, size]` and are written by one `write`, so a
+    kill leaves a prefix of them: the group is whole exactly when its last row is the last index.
+    """
+    group = rows[-1].get("provenance", {}).get("group") if rows else None
+    if not group:
+        return 0
+    index, size = group
+    return 0 if index == size - 1 else index + 1
+
+
 def recover_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
-    """Rows of a shard, after cutting a torn final line; returns (rows, bytes cut)."""
+    """Rows of a shard, after cutting a torn final line or group; returns (rows, bytes cut)."""
     if not path.exists():
         return [], 0
     data = path.read_bytes()
     keep = data.rfind(b"\n") + 1  # everything after the last newline is an unfinished write
     # split on "\n" only: JSON written with ensure_ascii=False may hold U+2028, which splitlines() splits on
     lines = data[:keep].split(b"\n")[:-1]
-    rows = []
+    rows, sizes = [], []
     for number, line in enumerate(lines, start=1):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line.decode("utf-8")))
+            sizes.append(len(line) + 1)
         except (json.JSONDecodeError, UnicodeDecodeError):
             if number == len(lines):  # a torn last record whose newline reached the disk
                 keep -= len(line) + 1
@@ -43,6 +58,10 @@ def recover_jsonl(path: Path) -> tuple[list[dict[str, Any]], int]:
                 path=str(path),
                 line=number,
             ) from None
+    torn = _torn_group(rows)
+    if torn:
+        keep -= sum(sizes[-torn:])
+        rows = rows[:-torn]
     cut = len(data) - keep
     if cut:
         with open(path, "r+b") as fh:
@@ -71,7 +90,11 @@ class AppendOnlyShard:
         self._fsync = fsync
 
     def append(self, record: dict[str, Any]) -> None:
-        self._fh.write(json.dumps(record, ensure_ascii=False) + "\n")
+        self.append_group([record])
+
+    def append_group(self, records: list[dict[str, Any]]) -> None:
+        """Several rows in one write (tag them with `provenance.group`, see `_torn_group`)."""
+        self._fh.write("".join(json.dumps(r, ensure_ascii=False) + "\n" for r in records))
         self._fh.flush()
         if self._fsync:
             os.fsync(self._fh.fileno())

@@ -18,10 +18,19 @@ Messages = list[dict[str, str]]
 
 @dataclass(frozen=True)
 class GenerationParams:
+    """How to decode one request.
+
+    `json_schema` (canonical JSON text of a JSON Schema, so params stay hashable and comparable)
+    asks the backend to make every reply valid JSON of that schema by construction: a grammar
+    mask in the transformers backend, `response_format: json_schema` over HTTP, structured
+    outputs in vLLM. `json_mode` asks an HTTP server only for some JSON object.
+    """
+
     temperature: float = 1.0  # e5-mistral and the Qwen3 report decode synthetic data at 1.0
     top_p: float = 1.0
     max_new_tokens: int = 256
-    json_mode: bool = False  # ask an HTTP server for `response_format: json_object` where it supports it
+    json_mode: bool = False
+    json_schema: str | None = None
 
 
 @dataclass

@@ -5,12 +5,19 @@ Asynchronous with a concurrency limit; each request has a timeout and is retried
 backoff and jitter on timeouts, connection errors, 5xx and 429 (honouring `Retry-After`, and
 pausing every request while a rate limit is in force). Other 4xx are not retried: the request
 itself is wrong. The API key is read from an environment variable and never logged or stored.
+
+A request with a JSON schema asks for `response_format: {"type": "json_schema", ...}` (vLLM,
+SGLang, OpenAI and others then decode under the schema). A server that rejects that field (400,
+422 or 501) is asked again at once with `{"type": "json_object"}`, and then with no
+`response_format` at all; the first rejection switches every later request, and `structured_mode`
+says which level the server accepted. (`transformers serve` accepts the field and ignores it.)
 """
 
 from __future__ import annotations
 
 import asyncio
 import email.utils
+import json
 import logging
 import os
 import random
@@ -24,6 +31,9 @@ from embedforge.data_synth.backends.base import GenerationParams, Messages, Resu
 from embedforge.errors import ConfigError
 
 logger = logging.getLogger(__name__)
+
+STRUCTURED_MODES = ("json_schema", "json_object", "prompt")  # from the strictest to none
+_FORMAT_REJECTED = (400, 422, 501)
 
 
 def parse_retry_after(value: str | None, now: float | None = None) -> float | None:
@@ -92,6 +102,7 @@ class OpenAIHTTPBackend:
         self.extra_body = dict(extra_body or {})
         self._api_key_env = api_key_env
         self._rng = random.Random(seed)
+        self.structured_mode = STRUCTURED_MODES[0]  # lowered when the server rejects a response_format
 
     def _headers(self) -> dict[str, str]:
         key = os.environ.get(self._api_key_env) if self._api_key_env else None
@@ -108,10 +119,33 @@ class OpenAIHTTPBackend:
         }
         if seed is not None:
             body["seed"] = seed
-        if params.json_mode:
-            body["response_format"] = {"type": "json_object"}
+        response_format = self._response_format(params)
+        if response_format is not None:
+            body["response_format"] = response_format
         body.update(self.extra_body)
         return body
+
+    def _response_format(self, params: GenerationParams) -> dict[str, Any] | None:
+        mode = self.structured_mode
+        if params.json_schema is not None and mode == "json_schema":
+            schema = json.loads(params.json_schema)
+            return {"type": "json_schema", "json_schema": {"name": "reply", "schema": schema, "strict": True}}
+        if (params.json_schema is not None or params.json_mode) and mode != "prompt":
+            return {"type": "json_object"}
+        return None
+
+    def _downgrade(self, sent: dict[str, Any], detail: str) -> bool:
+        """After a rejected `response_format`, use a weaker level than the one sent (so the retry
+        differs); False when what was sent is not one of ours."""
+        kind = sent.get("type")
+        if kind not in ("json_schema", "json_object"):
+            return False
+        weaker = "json_object" if kind == "json_schema" else "prompt"
+        if STRUCTURED_MODES.index(weaker) > STRUCTURED_MODES.index(self.structured_mode):
+            logger.warning("the server rejected response_format %s (%s); using %s from now on", kind,
+                           detail[:120], weaker)
+            self.structured_mode = weaker
+        return True
 
     def async_caller(self) -> _Session:
         return _Session(self)
@@ -157,7 +191,8 @@ class _Session:
         body = backend._body(messages, params, seed)
         started = time.monotonic()
         cause, detail = "connection_error", ""
-        for attempt in range(backend.max_retries + 1):
+        attempt = 0
+        while attempt <= backend.max_retries:
             retry_after = None
             wait = self.paused_until - time.monotonic()
             if wait > 0:
@@ -175,6 +210,13 @@ class _Session:
                 if response.status_code == 200:
                     return self._parse(response, attempt + 1, time.monotonic() - started)
                 detail = f"HTTP {response.status_code}: {response.text[:200]}"
+                if (
+                    response.status_code in _FORMAT_REJECTED
+                    and "response_format" in body
+                    and backend._downgrade(body["response_format"], detail)
+                ):
+                    body = backend._body(messages, params, seed)  # the same request, a weaker format
+                    continue
                 if response.status_code == 429:
                     cause = "rate_limited"
                     retry_after = parse_retry_after(response.headers.get("retry-after"))
@@ -192,6 +234,7 @@ class _Session:
                 )
                 logger.debug("retrying after %s (%s) in %.2f s", cause, detail, delay)
                 await asyncio.sleep(delay)
+            attempt += 1
         return Result(None, cause, detail, backend.max_retries + 1, time.monotonic() - started)
 
     @staticmethod
