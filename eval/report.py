@@ -1,9 +1,10 @@
-"""Compare results JSONs side by side: a markdown table, and PNG plots of score vs Matryoshka
-width and score vs merge t when the results carry those fields.
+"""Compare results JSONs side by side: a summary table with intervals, paired tests and the random
+baseline, a table of every metric, and PNG plots of score vs Matryoshka width and score vs merge t
+when the results carry those fields.
 
-A results file is what `embedforge eval` writes. `dim` null means full width (`embedding_dim`);
-the merge t is read from `meta.merge_t` (set with `embedforge eval --meta merge_t=0.5`) or a
-top-level `merge_t`.
+A results file is what `embedforge eval` writes. Rows keep the order the files are given in (the
+pipeline passes base, trained, merged). `dim` null means full width (`embedding_dim`); the merge t
+is read from `meta.merge_t` (set with `embedforge eval --meta merge_t=0.5`) or a top-level `merge_t`.
 """
 
 from __future__ import annotations
@@ -14,9 +15,14 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
+from pydantic import Field
+
 from embedforge.errors import InputError
+from embedforge.eval.config import ReportConfig
 from embedforge.eval.metrics import METRIC_KEYS
+from embedforge.eval.stats import CONFIDENCE, N_RESAMPLES, SEED
 from embedforge.io import atomic_path
+from embedforge.outcome import StageOutcome
 
 METRIC_TITLES = {
     "ndcg_at_10": "nDCG@10",
@@ -161,13 +167,90 @@ def plot_score_vs_merge_t(results: list[dict[str, Any]], path: str | os.PathLike
     return _plot(series, Path(path), metric, "merge t", "Score vs merge t")
 
 
+class ReportOutcome(StageOutcome):
+    """The report's markdown and plots; `output` is the markdown file ("" when only returned)."""
+
+    markdown: str
+    plots: dict[str, str] = Field(default_factory=dict)
+
+
+def _pct(value: float, signed: bool = False) -> str:
+    return f"{100 * value:+.2f}" if signed else f"{100 * value:.2f}"
+
+
+def _baseline_rows(results: list[dict[str, Any]], baseline: str | None) -> dict[str, dict[str, Any]]:
+    """data set -> the result the others on it are compared with."""
+    chosen: dict[str, dict[str, Any]] = {}
+    for r in results:
+        if baseline is not None and baseline not in (label_of(r), r["_path"]):
+            continue
+        chosen.setdefault(_data_name(r), r)
+    if baseline is not None and not chosen:
+        raise InputError(f"baseline {baseline!r} is neither the label nor the file of any result")
+    for r in results:  # data sets the named baseline does not cover: their first result
+        chosen.setdefault(_data_name(r), r)
+    return chosen
+
+
+def summary_table(results: list[dict[str, Any]], metric: str = "ndcg_at_10", baseline: str | None = None,
+                  confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES, seed: int = SEED) -> str:
+    """One row per retrieval result, in the order given: score [CI], paired difference with the
+    baseline of its data set [CI] and p-value, number of queries, random-ranking score."""
+    from embedforge.eval.confidence import compare, interval_of
+
+    rows = [r for r in results if "metrics" in r]
+    if not rows:
+        return ""
+    if metric not in METRIC_KEYS:
+        raise InputError(f"unknown metric {metric!r}; expected one of {METRIC_KEYS}")
+    stats = {"confidence": confidence, "n_resamples": n_resamples, "seed": seed}
+    bases = _baseline_rows(rows, baseline)
+    names = {label_of(b) for b in bases.values()}
+    title, level = METRIC_TITLES.get(metric, metric), f"{confidence:.0%}"
+    against = f"Δ vs {names.pop()}" if len(names) == 1 else "Δ vs baseline"
+    lines = [f"| model | data | {title} [{level} CI] | {against} [{level} CI] | p | queries | random |",
+             "|---|---|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        base = bases[_data_name(r)]
+        if r.get("per_query"):
+            ci = interval_of(r["per_query"], metric, **stats)
+            score = f"{_pct(ci.mean)} [{_pct(ci.low)}, {_pct(ci.high)}]"
+        elif metric in (r.get("intervals") or {}):
+            ci = r["intervals"][metric]
+            score = f"{_pct(ci['mean'])} [{_pct(ci['low'])}, {_pct(ci['high'])}]"
+        else:
+            score = _pct(r["metrics"][metric])
+        delta = p = ""
+        if base is not r:
+            if r.get("per_query") and base.get("per_query"):
+                c = compare(r["per_query"], base["per_query"], metric, label_of(base), **stats).model_dump()
+            else:
+                c = next((c for c in r.get("comparisons", [])
+                          if c["metric"] == metric and c["baseline"] == label_of(base)), None)
+            if c is None:
+                delta = "n/a (no per-query metrics)"
+            else:
+                delta = f"{_pct(c['delta'], True)} [{_pct(c['low'], True)}, {_pct(c['high'], True)}]"
+                p = f"{c['p_value']:.3g}"
+        chance = (r.get("random_baseline") or {}).get(metric)
+        lines.append(f"| {label_of(r)} | {_data_name(r)} | {score} | {delta} | {p} | {r.get('n_queries', '')} | "
+                     f"{'' if chance is None else _pct(chance)} |")
+    lines += ["", (f"Scores x 100. CI: {level} percentile bootstrap over queries ({n_resamples:,} resamples, seed "
+                   f"{seed}). Δ: mean per-query difference with the baseline of the same data set and its paired "
+                   f"bootstrap CI; p: two-sided paired randomisation (sign-flip) test, exact when 2^queries <= "
+                   f"{n_resamples:,}. random: expected score of a uniformly random ranking of the corpus (exact).")]
+    return "\n".join(lines) + "\n"
+
+
 def write_report(paths: list[str | os.PathLike], output: str | os.PathLike | None = None,
-                 plots_dir: str | os.PathLike | None = None, metric: str = "ndcg_at_10") -> dict[str, Any]:
-    """Markdown table (to `output`, or returned) and the plots that the results allow."""
+                 plots_dir: str | os.PathLike | None = None, metric: str = "ndcg_at_10", baseline: str | None = None,
+                 confidence: float = CONFIDENCE, n_resamples: int = N_RESAMPLES, seed: int = SEED) -> dict[str, Any]:
+    """Summary table, all-metrics table (to `output`, or returned) and the plots the results allow."""
     if metric not in METRIC_KEYS:
         raise InputError(f"unknown metric {metric!r}; expected one of {METRIC_KEYS}")
     results = load_results(paths)
-    table = markdown_table(results)
+    summary = summary_table(results, metric, baseline, confidence, n_resamples, seed)
+    table = (summary + "\n" if summary else "") + markdown_table(results)
     plots = {}
     if plots_dir is not None:
         plots_dir = Path(plots_dir)
@@ -182,3 +265,16 @@ def write_report(paths: list[str | os.PathLike], output: str | os.PathLike | Non
         with atomic_path(output) as tmp:
             tmp.write_text(table, encoding="utf-8")
     return {"markdown": table, "plots": plots}
+
+
+def report(config: ReportConfig) -> ReportOutcome:
+    """Compare results files in the order given (base, trained, merged); see `summary_table`.
+
+    Example:
+        >>> report(ReportConfig(results=["base.json", "trained.json", "merged.json"], output="report.md"))
+    """
+    config.check_ready()
+    out = write_report(config.results, output=config.output, plots_dir=config.plots_dir, metric=config.metric,
+                       baseline=config.baseline, confidence=config.confidence, n_resamples=config.n_resamples,
+                       seed=config.seed)
+    return ReportOutcome(output=config.output or "", markdown=out["markdown"], plots=out["plots"])

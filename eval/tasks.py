@@ -13,18 +13,20 @@ conventions (embedforge.templates.INSTRUCTION_SIDES):
 * Bitext mining: nearest target of each source by cosine; accuracy and weighted F1 (main), with
   the gold target of source i being target i.
 
-`instruction=None` applies the official convention when the model takes instructions (an LLM
+scikit-learn and scipy come with the `eval` extra (`pip install 'embedforge[eval]'`); without them
+these tasks say so. `instruction=None` applies the official convention when the model takes instructions (an LLM
 embedder, see retrieval.default_query_instruction) and none otherwise; "" forces none.
 """
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
-from embedforge.errors import InputError
+from embedforge.errors import ConfigError, InputError
 from embedforge.eval.retrieval import default_query_instruction
 from embedforge.eval.search import exact_search
 from embedforge.templates import INSTRUCTION_SIDES, task_instruction
@@ -40,6 +42,16 @@ def side_instructions(embedder: Any, task_type: str, instruction: str | None = N
         return None, None
     text = task_instruction(task_type, instruction)
     return (text, text) if INSTRUCTION_SIDES[task_type] == "both" else (text, None)
+
+
+def _optional(module: str) -> Any:
+    """A module of the `eval` extra (scikit-learn, scipy), or a ConfigError saying how to install it."""
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        package = "scipy" if module.startswith("scipy") else "scikit-learn"
+        raise ConfigError(f"{package} is not installed; this evaluation needs it: "
+                          "pip install 'embedforge[eval]'") from None
 
 
 def _check_pairs(a: Sequence, b: Sequence, c: Sequence | None = None, what: str = "pairs") -> None:
@@ -101,15 +113,14 @@ def best_f1(scores: np.ndarray, labels: np.ndarray) -> tuple[float, float]:
 
 
 def pair_classification_scores(scores: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    from sklearn.metrics import average_precision_score
-
+    metrics = _optional("sklearn.metrics")
     labels = np.asarray(labels)
     if not set(np.unique(labels)) <= {0, 1}:
         raise InputError("pair classification labels must be 0 or 1")
     accuracy, acc_threshold = best_accuracy(scores, labels)
     f1, f1_threshold = best_f1(scores, labels)
     return {
-        "ap": float(average_precision_score(labels, scores)),
+        "ap": float(metrics.average_precision_score(labels, scores)),
         "accuracy": accuracy,
         "accuracy_threshold": acc_threshold,
         "f1": f1,
@@ -119,15 +130,14 @@ def pair_classification_scores(scores: np.ndarray, labels: np.ndarray) -> dict[s
 
 def bitext_scores(source: np.ndarray, target: np.ndarray) -> dict[str, float]:
     """Nearest target by cosine for each source; gold target of source i is row i."""
-    from sklearn.metrics import f1_score, precision_score, recall_score
-
+    metrics = _optional("sklearn.metrics")
     nearest = exact_search(source, target, 1).indices[:, 0]
     gold = np.arange(len(source))
     return {
         "accuracy": float((nearest == gold).mean()),
-        "precision": float(precision_score(gold, nearest, average="weighted", zero_division=0)),
-        "recall": float(recall_score(gold, nearest, average="weighted", zero_division=0)),
-        "f1": float(f1_score(gold, nearest, average="weighted", zero_division=0)),
+        "precision": float(metrics.precision_score(gold, nearest, average="weighted", zero_division=0)),
+        "recall": float(metrics.recall_score(gold, nearest, average="weighted", zero_division=0)),
+        "f1": float(metrics.f1_score(gold, nearest, average="weighted", zero_division=0)),
     }
 
 
@@ -136,14 +146,14 @@ def bitext_scores(source: np.ndarray, target: np.ndarray) -> dict[str, float]:
 
 def evaluate_sts(embedder: Any, sentences1: Sequence[str], sentences2: Sequence[str], gold: Sequence[float],
                  *, instruction: str | None = None, dim: int | None = None, batch_size: int = 32) -> dict[str, Any]:
-    from scipy.stats import pearsonr, spearmanr
-
+    stats = _optional("scipy.stats")
     _check_pairs(sentences1, sentences2, gold, "sts")
     first, second = side_instructions(embedder, "sts", instruction)
     cos = _rowwise_cosine(_encode(embedder, sentences1, first, dim, batch_size),
                           _encode(embedder, sentences2, second, dim, batch_size))
-    spearman = float(spearmanr(cos, gold).statistic)
-    return {"main_score": spearman, "cosine_spearman": spearman, "cosine_pearson": float(pearsonr(cos, gold).statistic),
+    spearman = float(stats.spearmanr(cos, gold).statistic)
+    return {"main_score": spearman, "cosine_spearman": spearman,
+            "cosine_pearson": float(stats.pearsonr(cos, gold).statistic),
             "instruction": first, "n": len(gold)}
 
 
@@ -162,9 +172,7 @@ def evaluate_classification(embedder: Any, train_texts: Sequence[str], train_lab
                             test_texts: Sequence[str], test_labels: Sequence, *, instruction: str | None = None,
                             dim: int | None = None, batch_size: int = 32, samples_per_label: int | None = None,
                             n_experiments: int = 1, seed: int = 42) -> dict[str, Any]:
-    from sklearn.linear_model import LogisticRegression
-    from sklearn.metrics import accuracy_score, f1_score
-
+    linear_model, metrics = _optional("sklearn.linear_model"), _optional("sklearn.metrics")
     _check_pairs(train_texts, train_labels, what="classification train")
     _check_pairs(test_texts, test_labels, what="classification test")
     if len(set(train_labels)) < 2:
@@ -180,20 +188,18 @@ def evaluate_classification(embedder: Any, train_texts: Sequence[str], train_lab
         if samples_per_label is not None:
             idx = np.concatenate([rng.permutation(np.flatnonzero(y_train == label))[:samples_per_label]
                                   for label in np.unique(y_train)])
-        clf = LogisticRegression(max_iter=100, random_state=int(rng.integers(1 << 31)))
+        clf = linear_model.LogisticRegression(max_iter=100, random_state=int(rng.integers(1 << 31)))
         clf.fit(x_train[idx], y_train[idx])
         predicted = clf.predict(x_test)
-        accuracies.append(accuracy_score(y_test, predicted))
-        f1s.append(f1_score(y_test, predicted, average="macro"))
+        accuracies.append(metrics.accuracy_score(y_test, predicted))
+        f1s.append(metrics.f1_score(y_test, predicted, average="macro"))
     return {"main_score": float(np.mean(accuracies)), "accuracy": float(np.mean(accuracies)),
             "f1_macro": float(np.mean(f1s)), "instruction": first, "n_train": len(y_train), "n_test": len(y_test)}
 
 
 def evaluate_clustering(embedder: Any, texts: Sequence[str], labels: Sequence, *, instruction: str | None = None,
                         dim: int | None = None, batch_size: int = 32, n_runs: int = 3, seed: int = 42) -> dict[str, Any]:
-    from sklearn.cluster import MiniBatchKMeans
-    from sklearn.metrics import v_measure_score
-
+    cluster, metrics = _optional("sklearn.cluster"), _optional("sklearn.metrics")
     _check_pairs(texts, labels, what="clustering")
     n_clusters = len(set(labels))
     if n_clusters < 2:
@@ -202,8 +208,8 @@ def evaluate_clustering(embedder: Any, texts: Sequence[str], labels: Sequence, *
     x = _encode(embedder, texts, first, dim, batch_size)
     scores = []
     for run in range(n_runs):
-        kmeans = MiniBatchKMeans(n_clusters=n_clusters, batch_size=500, n_init="auto", random_state=seed + run)
-        scores.append(v_measure_score(list(labels), kmeans.fit_predict(x)))
+        kmeans = cluster.MiniBatchKMeans(n_clusters=n_clusters, batch_size=500, n_init="auto", random_state=seed + run)
+        scores.append(metrics.v_measure_score(list(labels), kmeans.fit_predict(x)))
     return {"main_score": float(np.mean(scores)), "v_measure": float(np.mean(scores)),
             "v_measure_std": float(np.std(scores)), "instruction": first, "n": len(labels)}
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from embedforge.cli import main
@@ -80,3 +81,43 @@ def test_report_cli(tmp_path, capsys):
     assert "| b | scifact | full |  | **20.00**" in capsys.readouterr().out
     assert main(["report", str(tmp_path / "missing.json")]) == 2
     assert "missing.json: file not found" in capsys.readouterr().err
+
+
+def with_queries(model, data, values, random=0.01):
+    """A result with per-query metrics (every metric equal to the query's value)."""
+    per_query = {f"q{i}": dict.fromkeys(KEYS, v) for i, v in enumerate(values)}
+    obj = result(model, sum(values) / len(values), data=data)
+    obj["metrics"] = dict.fromkeys(KEYS, sum(values) / len(values))
+    return {**obj, "n_queries": len(values), "per_query": per_query, "random_baseline": dict.fromkeys(KEYS, random)}
+
+
+def test_summary_rows_keep_pipeline_order_and_pair_within_each_data_set(tmp_path):
+    from embedforge.eval.confidence import compare
+    from embedforge.eval.report import summary_table
+
+    rng = np.random.default_rng(0)
+    base, trained = rng.random(30).round(3).tolist(), rng.random(30).round(3).tolist()
+    paths = [write(tmp_path, "b.json", with_queries("runs/base", "heldout", base)),
+             write(tmp_path, "t.json", with_queries("runs/trained", "heldout", trained)),
+             write(tmp_path, "g.json", with_queries("runs/base", "general", base[:10])),
+             write(tmp_path, "m.json", with_queries("runs/merged", "general", trained[:10]))]
+    results = load_results(paths)
+    lines = summary_table(results, n_resamples=500).splitlines()
+    assert [line.split(" | ")[0:2] for line in lines[2:6]] == [["| base", "heldout"], ["| trained", "heldout"],
+                                                             ["| base", "general"], ["| merged", "general"]]
+    c = compare(results[1]["per_query"], results[0]["per_query"], "ndcg_at_10", "base", n_resamples=500)
+    assert f"| {100 * c.delta:+.2f} [{100 * c.low:+.2f}, {100 * c.high:+.2f}] | {c.p_value:.3g} | 30 | 1.00 |" \
+        in lines[3]
+    c = compare(results[3]["per_query"], results[2]["per_query"], "ndcg_at_10", "base", n_resamples=500)
+    assert f"| {100 * c.delta:+.2f} [" in lines[5] and "| 10 |" in lines[5]  # paired with general's base
+    assert lines[2].split(" | ")[3:5] == ["", ""]  # a baseline is not compared with itself
+
+
+def test_summary_says_when_a_result_cannot_be_paired(tmp_path):
+    from embedforge.eval.report import summary_table
+
+    paths = [write(tmp_path, "a.json", result("a", 0.3)), write(tmp_path, "b.json", result("b", 0.4))]
+    table = summary_table(load_results(paths))
+    assert "| b | scifact | 40.00 | n/a (no per-query metrics) |  | 300 |  |" in table
+    with pytest.raises(InputError, match="baseline 'zzz'"):
+        summary_table(load_results(paths), baseline="zzz")

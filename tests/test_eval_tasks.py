@@ -133,3 +133,17 @@ def test_bad_task_inputs():
         evaluate_clustering(model, ["a", "b"], [0, 0])
     with pytest.raises(InputError, match="labels must be 0 or 1"):
         evaluate_pair_classification(model, ["a"], ["b"], [2])
+
+
+def test_tasks_without_the_eval_extra_say_how_to_install_it(monkeypatch):
+    import sys
+
+    from embedforge.errors import ConfigError
+    from embedforge.eval.tasks import evaluate_sts
+
+    monkeypatch.setitem(sys.modules, "scipy.stats", None)  # `import scipy.stats` now fails
+    with pytest.raises(ConfigError, match=r"scipy is not installed; .*pip install 'embedforge\[eval\]'"):
+        evaluate_sts(SimpleNamespace(spec=None), ["a"], ["b"], [1.0])
+    monkeypatch.setitem(sys.modules, "sklearn.metrics", None)
+    with pytest.raises(ConfigError, match=r"scikit-learn is not installed"):
+        bitext_scores(np.eye(2, dtype=np.float32), np.eye(2, dtype=np.float32))
