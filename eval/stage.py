@@ -11,7 +11,6 @@ appended to it (`provenance.json` beside the results file).
 
 from __future__ import annotations
 
-import json
 import platform
 import sys
 from pathlib import Path
@@ -200,10 +199,13 @@ def _warn_weak(outcome: EvalOutcome) -> None:
 
 
 def _record(outcome: EvalOutcome, result: dict[str, Any]) -> dict[str, Any]:
-    """This evaluation in the provenance trail: what was measured, on what, how sure."""
-    keep = ("model", "data", "split", "data_fingerprint", "reranker", "dim", "instruction", "statistics",
-            "mteb_output", "mteb_model")
-    record = {k: result[k] for k in keep if k in result}
-    record.update(json.loads(outcome.model_dump_json(exclude={"warnings", "output"})))
-    record["results_file"] = outcome.output
+    """This evaluation in the provenance trail: the results file's fields without the per-query
+    metrics and mteb's full score tables (both stay in the results file)."""
+    keep = ("model", "data", "split", "data_fingerprint", "reranker", "dim", "instruction", "n_queries", "n_docs",
+            "metrics", "intervals", "random_baseline", "comparisons", "statistics", "mteb_output", "mteb_model")
+    record = {"label": outcome.label, **{k: result[k] for k in keep if k in result}}
+    if "mteb" in result:
+        record["mteb"] = {task: {"main_score": s["main_score"], "result_file": s["result_file"]}
+                          for task, s in result["mteb"].items()}
+    record.update(results_file=outcome.output, warnings=list(outcome.warnings))
     return record

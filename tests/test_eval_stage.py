@@ -106,7 +106,8 @@ def test_provenance_is_read_from_the_model_and_extended(runs, model_dir):
     trail = read_provenance(full.output)
     assert [r["stage"] for r in trail] == ["train", "eval"]
     record = trail[-1]
-    assert record["results_file"] == full.output and record["n_queries"] == 24
+    assert record["results_file"] == full.output and record["n_queries"] == 24 and record["label"] == "full"
+    assert record["metrics"] == full.scores and "per_query" not in record
     assert record["intervals"]["ndcg_at_10"]["low"] == full.intervals["ndcg_at_10"].low
     assert record["comparisons"][0]["baseline"] == "base"
 
