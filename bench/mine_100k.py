@@ -152,7 +152,7 @@ def violations(rows: list[dict]) -> dict:
 
 def worker_ours(data: Path, out: Path, model: str) -> dict:
     from embedforge.data_synth.filtering import read_pairs
-    from embedforge.data_synth.mine import MineConfig, load_mine_corpus, mine
+    from embedforge.data_synth.mine import MineConfig, load_mine_corpus, mine_rows
 
     t0 = time.monotonic()
     passages = load_mine_corpus(data / "corpus.jsonl")
@@ -170,7 +170,7 @@ def worker_ours(data: Path, out: Path, model: str) -> dict:
         max_length=64,
         use_instructions=False,
     )
-    report = mine(rows, passages, config, out)
+    report = mine_rows(rows, passages, config, out)
     mined = [json.loads(x) for x in (out / "mined-00000-of-00001.jsonl").read_text().splitlines()]
     return {
         "load_s": load_s,

@@ -4,9 +4,15 @@ rows with a reason, so the filter report can say why every row left.
 - copy: the query mostly repeats the passage (small LLMs do this);
 - near-duplicate: MinHash over character 5-grams of the query;
 - contamination: see contamination.py;
-- cosine: teacher similarity of query and positive below a threshold (0.7 in the Qwen3 report);
+- cosine: teacher similarity of query and positive below a threshold (0.7 in the Qwen3 report,
+  a Qwen3-Embedding cosine). Cosines of other teachers live elsewhere (all-MiniLM-L6-v2's
+  query-passage cosines sit far lower), so the threshold can come from the teacher's own scores:
+  `calibrated_threshold` takes a high percentile of the cosines between queries and passages that
+  are NOT theirs, i.e. a pair is kept when its passage scores above what almost no random passage
+  reaches for that query;
 - round trip: the positive is not in the teacher's top-k for its query among the positives.
-The cheap lexical gates run first, the model gates last.
+The cheap lexical gates run first, the model gates last. Instructions are given to the teacher
+only when it is instruction-aware (`instruction_aware`): an encoder such as MiniLM never saw one.
 """
 
 from __future__ import annotations
@@ -31,6 +37,8 @@ class GateResult:
     name: str
     kept: list[Row]
     dropped: list[tuple[Row, str]] = field(default_factory=list)
+    threshold: float | None = None  # the value a calibrated gate chose
+    note: str = ""
 
 
 def _quality(row: Row) -> dict[str, Any]:
@@ -175,6 +183,16 @@ def encode_rows(
     return out
 
 
+def instruction_aware(embedder) -> bool:
+    """Whether a teacher was trained with query instructions: last-token pooling (Qwen3-Embedding,
+    e5-mistral and the embedders embedforge trains) or a stored sentence-transformers query prompt.
+    Mean- or CLS-pooled encoders (all-MiniLM-L6-v2, BERT-style) are not."""
+    spec = getattr(embedder, "spec", None)
+    if spec is None:
+        return False
+    return spec.pooling == "lasttoken" or bool(spec.prompts.get("query"))
+
+
 def row_instructions(
     rows: Sequence[Row], use_instructions: bool = True
 ) -> tuple[list[str | None], list[str | None]]:
@@ -189,16 +207,61 @@ def row_instructions(
     return q, d
 
 
+def calibrated_threshold(q: np.ndarray, p: np.ndarray, positives: Sequence[str], percentile: float = 99.0,
+                         max_pairs: int = 200_000, seed: int = 0) -> float | None:
+    """The `percentile` of teacher cosines between queries and passages other than their own.
+
+    q, p: normalised query and positive vectors, one per row; `positives` the positive texts (pairs
+    that share a positive text are not counted as foreign). At most `max_pairs` pairs are scored,
+    sampled without a full matrix. None when every row has the same positive (nothing foreign).
+    """
+    index: dict[str, int] = {}
+    first: list[int] = []
+    for i, text in enumerate(positives):
+        if text not in index:
+            index[text] = len(first)
+            first.append(i)
+    if len(first) < 2:
+        return None
+    docs = p[first]
+    own = np.array([index[text] for text in positives])
+    rng = np.random.default_rng(seed)
+    per_row = max(1, min(len(first) - 1, max_pairs // len(positives)))
+    scores = []
+    for i in range(len(positives)):
+        others = rng.choice(len(first) - 1, size=per_row, replace=False)
+        others = others + (others >= own[i])  # skip the row's own passage
+        scores.append(docs[others] @ q[i])
+    return float(np.percentile(np.concatenate(scores), percentile))
+
+
 def cosine_gate(
-    rows: Sequence[Row], embedder, threshold: float = 0.7, use_instructions: bool = True, batch_size: int = 32
+    rows: Sequence[Row],
+    embedder,
+    threshold: float | None = 0.7,
+    use_instructions: bool = True,
+    batch_size: int = 32,
+    percentile: float = 99.0,
 ) -> GateResult:
-    """Keep rows whose teacher cosine(query, positive) >= threshold (report: 0.7)."""
+    """Keep rows whose teacher cosine(query, positive) >= threshold (report: 0.7).
+
+    `threshold=None` calibrates it on these rows (`calibrated_threshold` at `percentile`); the
+    value used is in `result.threshold`.
+    """
     result = GateResult("cosine", [])
     if not rows:
         return result
     qi, di = row_instructions(rows, use_instructions)
     q = encode_rows(embedder, [r["query"] for r in rows], qi, batch_size)
     p = encode_rows(embedder, [r["positive"] for r in rows], di, batch_size)
+    if threshold is None:
+        threshold = calibrated_threshold(q, p, [r["positive"] for r in rows], percentile)
+        if threshold is None:
+            result.kept = list(rows)
+            result.note = "not calibrated: every row has the same positive; gate skipped"
+            return result
+        threshold = round(threshold, 4)
+    result.threshold = threshold
     scores = np.einsum("ij,ij->i", q, p)
     for row, score in zip(rows, scores):
         _quality(row)["teacher_cosine"] = round(float(score), 4)
@@ -209,24 +272,22 @@ def cosine_gate(
     return result
 
 
-def roundtrip_gate(
+def positive_ranks(
     rows: Sequence[Row],
     embedder,
-    k: int = 10,
     use_instructions: bool = True,
     extra_documents: Sequence[str] = (),
     batch_size: int = 32,
-) -> GateResult:
-    """Keep rows whose positive ranks in the teacher's top-k for the query.
+) -> list[int]:
+    """The teacher's rank (0 = first) of each row's positive for its query.
 
     The candidates of a row are the distinct positives of its task (plus `extra_documents`, e.g.
     the corpus); ties with the positive count against it, so a rank is never flattered.
     """
-    result = GateResult("roundtrip", [])
+    ranks = [0] * len(rows)
     by_task: dict[str, list[int]] = {}
     for i, row in enumerate(rows):
         by_task.setdefault(row.get("task", "retrieval"), []).append(i)
-    verdict: dict[int, str | None] = {}
     for idx in by_task.values():
         task_rows = [rows[i] for i in idx]
         docs = list(dict.fromkeys([r["positive"] for r in task_rows] + list(extra_documents)))
@@ -240,12 +301,25 @@ def roundtrip_gate(
             for offset, scores in enumerate(block):
                 i = start + offset
                 own = scores[position[task_rows[i]["positive"]]]
-                rank = int((scores > own).sum() + (scores == own).sum() - 1)
-                _quality(task_rows[i])["roundtrip_rank"] = rank
-                verdict[idx[i]] = None if rank < k else f"roundtrip: positive ranked {rank + 1} (> top-{k})"
-    for i, row in enumerate(rows):
-        if verdict[i] is None:
+                ranks[idx[i]] = int((scores > own).sum() + (scores == own).sum() - 1)
+    return ranks
+
+
+def roundtrip_gate(
+    rows: Sequence[Row],
+    embedder,
+    k: int = 10,
+    use_instructions: bool = True,
+    extra_documents: Sequence[str] = (),
+    batch_size: int = 32,
+) -> GateResult:
+    """Keep rows whose positive ranks in the teacher's top-k for the query (see `positive_ranks`)."""
+    result = GateResult("roundtrip", [])
+    ranks = positive_ranks(rows, embedder, use_instructions, extra_documents, batch_size)
+    for row, rank in zip(rows, ranks):
+        _quality(row)["roundtrip_rank"] = rank
+        if rank < k:
             result.kept.append(row)
         else:
-            result.dropped.append((row, verdict[i]))
+            result.dropped.append((row, f"roundtrip: positive ranked {rank + 1} (> top-{k})"))
     return result

@@ -33,13 +33,23 @@ from embedforge.data_synth.gates import Row, encode_rows
 from embedforge.data_synth.shards import shard_name
 from embedforge.errors import ConfigError
 from embedforge.io import atomic_path, write_json, write_jsonl
+from embedforge.outcome import StageOutcome
+from embedforge.provenance import read_provenance, write_provenance
 from embedforge.templates import DEFAULT_RETRIEVAL_INSTRUCTION
 
 logger = logging.getLogger(__name__)
 
 
 class MineConfig(StrictModel):
-    model: str
+    """Everything `mine` needs; the paths and the model are filled by the caller (CLI or recipe)."""
+
+    model: str | None = Field(default=None, description="embedder used for mining")
+    data: list[str] | None = Field(default=None, description="pairs JSONL file(s) or synth/filter output folder(s)")
+    corpus: str | None = Field(default=None, description="JSONL (id, text), Parquet, or a folder of .txt/.md")
+    output: str | None = Field(default=None, description="output folder (embedding chunks are cached inside)")
+    device: str | None = None
+    embed_only: bool = Field(default=False, description="only embed this shard's corpus chunks")
+    progress: bool = False
     num_negatives: int = Field(default=7, ge=1)
     rank_start: int = Field(default=10, ge=0, description="skip the teacher's top results (likely positives)")
     rank_end: int = Field(default=100, ge=1, description="sample from raw ranks [rank_start, rank_end)")
@@ -76,6 +86,7 @@ class MineReport:
     corpus: int = 0
     negatives: int = 0
     rows_short: int = 0  # rows that got fewer than num_negatives
+    candidates: int = 0  # corpus entries seen inside the rank range, over all rows
     dropped_positive_or_duplicate: int = 0
     dropped_false_negative_margin: int = 0
     dropped_reranker: int = 0
@@ -201,6 +212,7 @@ class Selection:
     negatives: list[int]  # corpus indices
     scores: list[float]
     ranks: list[int]
+    candidates: int = 0  # corpus entries inside the rank range
     dropped_same: int = 0
     dropped_margin: int = 0
     dropped_reranker: int = 0
@@ -228,6 +240,7 @@ def select_negatives(
             break
         if rank < config.rank_start:
             continue
+        sel.candidates += 1
         if corpus_hashes[idx] in forbidden:
             sel.dropped_same += 1
         elif score > pos_score - config.margin:
@@ -254,7 +267,7 @@ def select_negatives(
 # --- the run ---------------------------------------------------------------------------------------
 
 
-def mine(
+def mine_rows(
     rows: Sequence[Row],
     passages: Sequence[Passage],
     config: MineConfig,
@@ -348,6 +361,7 @@ def mine(
             }
             report.negatives += len(mined)
             report.rows_short += len(mined) < config.num_negatives
+            report.candidates += sel.candidates
             report.dropped_positive_or_duplicate += sel.dropped_same
             report.dropped_false_negative_margin += sel.dropped_margin
             report.dropped_reranker += sel.dropped_reranker
@@ -372,3 +386,99 @@ def load_mine_corpus(path: str | os.PathLike, **kwargs: Any) -> list[Passage]:
     from embedforge.data_synth.corpus import load_corpus
 
     return load_corpus(path, chunk_tokens=None, dedup=True, **kwargs)
+
+
+# --- the stage function -----------------------------------------------------------------------------
+
+SHORT_ROWS = 0.5  # warn when more than this share of the rows got fewer than K negatives
+MARGIN_DROPS = 0.5  # warn when the margin dropped more than this share of the candidates
+
+
+class MineOutcome(StageOutcome):
+    """What `mine` wrote (`output` is the folder) and why negatives were dropped."""
+
+    rows: int = 0
+    corpus: int = 0
+    negatives: int = 0
+    rows_short: int = Field(0, description="rows that got fewer than num_negatives")
+    candidates: int = Field(0, description="corpus entries seen inside the rank range, over all rows")
+    dropped_positive_or_duplicate: int = 0
+    dropped_false_negative_margin: int = 0
+    dropped_reranker: int = 0
+    files: list[str] = Field(default_factory=list, description="the mined-*.jsonl shard(s) written")
+    seconds: float = 0.0
+
+
+def mine(config: MineConfig) -> MineOutcome:
+    """Mine hard negatives for `config.data` from `config.corpus` and write `mined-*.jsonl` rows
+    (ready for training) into `config.output`.
+
+    No negatives, many rows short of K, or a margin that dropped most candidates are not errors:
+    each is a warning in the outcome that says which setting to look at.
+    """
+    from embedforge.data_synth.filtering import read_pairs
+    from embedforge.data_synth.models import load_embedder, resolve_model
+
+    for name, what in (("model", "the embedder to mine with"), ("corpus", "the passages to mine from"),
+                       ("output", "the output folder")):
+        if not getattr(config, name):
+            raise ConfigError(f"mine: `{name}` is not set ({what})")
+    if not config.data and not config.embed_only:
+        raise ConfigError("mine: `data` is not set (pairs JSONL file(s) or synth/filter output folder(s))")
+    passages = load_mine_corpus(config.corpus)
+    rows = [] if config.embed_only else read_pairs(config.data)[0]
+    embedder = load_embedder(config.model, config.device)
+    reranker = None
+    if config.reranker:
+        from embedforge.reranker import Reranker
+
+        reranker = Reranker.from_pretrained(resolve_model(config.reranker), device=config.device)
+    report = mine_rows(rows, passages, config, config.output, embedder=embedder, reranker=reranker,
+                       embed_only=config.embed_only, show_progress=config.progress)
+    tag = (config.shard_index, config.num_shards)
+    outcome = MineOutcome(
+        output=config.output,
+        rows=report.rows,
+        corpus=report.corpus,
+        negatives=report.negatives,
+        rows_short=report.rows_short,
+        candidates=report.candidates,
+        dropped_positive_or_duplicate=report.dropped_positive_or_duplicate,
+        dropped_false_negative_margin=report.dropped_false_negative_margin,
+        dropped_reranker=report.dropped_reranker,
+        files=[] if config.embed_only else [str(Path(config.output) / shard_name("mined", *tag))],
+        seconds=round(report.total_s, 3),
+    )
+    if not config.embed_only:
+        _warn(outcome, config)
+        write_provenance(
+            config.output,
+            read_provenance(*(config.data or []), config.corpus),
+            "mine",
+            model=config.model,
+            settings=config.model_dump(exclude={"data", "corpus", "output", "device", "progress"}),
+            corpus=len(passages),
+            counts=outcome.metrics(),
+            warnings=outcome.warnings,
+        )
+    return outcome
+
+
+def _warn(outcome: MineOutcome, config: MineConfig) -> None:
+    if outcome.rows == 0:
+        outcome.warn("mine: the data holds no rows")
+        return
+    margin_share = outcome.dropped_false_negative_margin / max(1, outcome.candidates)
+    why = (f"the margin ({config.margin:g}) dropped {outcome.dropped_false_negative_margin} of "
+           f"{outcome.candidates} candidates in ranks {config.rank_start}:{config.rank_end}")
+    if outcome.negatives == 0:
+        outcome.warn(f"mine produced 0 negatives for {outcome.rows} rows ({why}; "
+                     f"{outcome.dropped_positive_or_duplicate} were the positive or a duplicate, "
+                     f"corpus of {outcome.corpus}): lower the margin or widen the rank range")
+        return
+    if outcome.rows_short > SHORT_ROWS * outcome.rows:
+        outcome.warn(f"mine: {outcome.rows_short} of {outcome.rows} rows got fewer than "
+                     f"{config.num_negatives} negatives (corpus of {outcome.corpus}, ranks "
+                     f"{config.rank_start}:{config.rank_end})")
+    if margin_share > MARGIN_DROPS:
+        outcome.warn(f"mine: {why}; the teacher scores many passages close to the positives")

@@ -10,6 +10,8 @@ from collections import Counter
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from embedforge.data_synth.quality import quality_markdown
+
 Row = dict[str, Any]
 DIMENSIONS = (
     ("task", lambda r: r.get("task")),
@@ -49,6 +51,8 @@ def coverage_markdown(
     run_reports: Sequence[dict[str, Any]] = (),
     gate_drops: dict[str, Counter] | None = None,
     rows_before_gates: int | None = None,
+    quality: dict[str, Any] | None = None,
+    gate_thresholds: dict[str, float] | None = None,
 ) -> str:
     lines = [
         f"# {title}",
@@ -88,8 +92,11 @@ def coverage_markdown(
     if gate_drops:
         lines += ["## Quality gates", "", "| gate | dropped |", "|---|---:|"]
         for gate, reasons in gate_drops.items():
-            lines.append(f"| {gate} | {sum(reasons.values())} |")
+            used = (gate_thresholds or {}).get(gate)
+            lines.append(f"| {gate}{f' (threshold {used:g})' if used is not None else ''} | "
+                         f"{sum(reasons.values())} |")
         lines.append("")
+    lines += quality_markdown(quality or {})
     return "\n".join(lines).rstrip() + "\n"
 
 

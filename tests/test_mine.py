@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from embedforge.data_synth.corpus import Passage, text_hash
-from embedforge.data_synth.mine import MineConfig, mine
+from embedforge.data_synth.mine import MineConfig, mine_rows
 
 TOPICS = ["cats", "dogs", "rockets", "bread", "rivers", "chess", "violins", "taxes", "volcanoes", "tennis"]
 ADJ = ["small", "old", "famous", "strange", "red", "quiet", "fast", "cheap", "modern", "rare"]
@@ -76,7 +76,7 @@ def test_negatives_follow_the_brute_force_ranking(tmp_path, minilm, embedder, re
     passages = make_corpus()
     rows = make_rows(passages)
     config = cfg(minilm)
-    report = mine(rows, passages, config, tmp_path, embedder=embedder)
+    report = mine_rows(rows, passages, config, tmp_path, embedder=embedder)
     out = read(tmp_path / "mined-00000-of-00001.jsonl")
     q = reference.encode([r["query"] for r in rows], normalize_embeddings=True)
     d = reference.encode([p.text for p in passages], normalize_embeddings=True)
@@ -116,7 +116,7 @@ def test_never_the_positive_nor_a_duplicate_of_it(tmp_path, minilm, embedder):
     )
     assert text_hash(passages[-1].text) == text_hash(passages[0].text)
     config = cfg(minilm, rank_start=0, rank_end=61, margin=-10.0, num_negatives=60)  # margin off, take all
-    report = mine(rows, passages, config, tmp_path, embedder=embedder)
+    report = mine_rows(rows, passages, config, tmp_path, embedder=embedder)
     for row in read(tmp_path / "mined-00000-of-00001.jsonl"):
         hashes = {text_hash(n) for n in row["negatives"]}
         assert text_hash(row["positive"]) not in hashes and text_hash(row["query"]) not in hashes
@@ -128,7 +128,7 @@ def test_never_the_positive_nor_a_duplicate_of_it(tmp_path, minilm, embedder):
 def test_margin_drops_candidates_close_to_the_positive(tmp_path, minilm, embedder):
     passages = make_corpus()
     rows = make_rows(passages)
-    mine(rows, passages, cfg(minilm, rank_start=0, margin=0.1), tmp_path, embedder=embedder)
+    mine_rows(rows, passages, cfg(minilm, rank_start=0, margin=0.1), tmp_path, embedder=embedder)
     for row in read(tmp_path / "mined-00000-of-00001.jsonl"):
         m = row["provenance"]["mining"]
         assert all(s <= m["positive_score"] - 0.1 + 1e-6 for s in m["negative_scores"])
@@ -137,12 +137,12 @@ def test_margin_drops_candidates_close_to_the_positive(tmp_path, minilm, embedde
 def test_embedding_chunks_resume(tmp_path, minilm, embedder):
     passages = make_corpus()
     rows = make_rows(passages)
-    first = mine(rows, passages, cfg(minilm), tmp_path, embedder=embedder)
+    first = mine_rows(rows, passages, cfg(minilm), tmp_path, embedder=embedder)
     before = read(tmp_path / "mined-00000-of-00001.jsonl")
     assert (first.chunks_computed, first.chunks_reused) == (4, 0)
     chunk = next((tmp_path / "embeddings").glob("*/chunk-00002.npy"))
     chunk.unlink()
-    second = mine(rows, passages, cfg(minilm), tmp_path, embedder=embedder)
+    second = mine_rows(rows, passages, cfg(minilm), tmp_path, embedder=embedder)
     assert (second.chunks_computed, second.chunks_reused) == (1, 3)
     assert read(tmp_path / "mined-00000-of-00001.jsonl") == before
 
@@ -151,18 +151,18 @@ def test_shards_and_embed_only_fan_out(tmp_path, minilm, embedder):
     passages = make_corpus()
     rows = make_rows(passages)
     whole = tmp_path / "whole"
-    mine(rows, passages, cfg(minilm), whole, embedder=embedder)
+    mine_rows(rows, passages, cfg(minilm), whole, embedder=embedder)
     expected = {
         r["query"] + r["positive"]: r["negatives"] for r in read(whole / "mined-00000-of-00001.jsonl")
     }
     split = tmp_path / "split"
-    e0 = mine(
+    e0 = mine_rows(
         [], passages, cfg(minilm, shard_index=0, num_shards=2), split, embedder=embedder, embed_only=True
     )
     assert e0.chunks_computed == 2  # chunks 0 and 2 of 4
     got = {}
     for shard in range(2):
-        rep = mine(rows, passages, cfg(minilm, shard_index=shard, num_shards=2), split, embedder=embedder)
+        rep = mine_rows(rows, passages, cfg(minilm, shard_index=shard, num_shards=2), split, embedder=embedder)
         got.update(
             {
                 r["query"] + r["positive"]: r["negatives"]
@@ -176,8 +176,8 @@ def test_shards_and_embed_only_fan_out(tmp_path, minilm, embedder):
 def test_ivf_with_all_cells_probed_equals_flat(tmp_path, minilm, embedder):
     passages = make_corpus()
     rows = make_rows(passages)
-    mine(rows, passages, cfg(minilm), tmp_path / "flat", embedder=embedder)
-    mine(rows, passages, cfg(minilm, index="ivf", nlist=8, nprobe=8), tmp_path / "ivf", embedder=embedder)
+    mine_rows(rows, passages, cfg(minilm), tmp_path / "flat", embedder=embedder)
+    mine_rows(rows, passages, cfg(minilm, index="ivf", nlist=8, nprobe=8), tmp_path / "ivf", embedder=embedder)
     flat = [r["negatives"] for r in read(tmp_path / "flat" / "mined-00000-of-00001.jsonl")]
     ivf = [r["negatives"] for r in read(tmp_path / "ivf" / "mined-00000-of-00001.jsonl")]
     assert flat == ivf
@@ -202,7 +202,7 @@ def test_reranker_verdict_drops_exactly_the_candidates_it_judges_relevant(
         reranker=str(tiny_qwen3_lm),
         reranker_threshold=threshold,
     )
-    report = mine(rows, passages, config, tmp_path, embedder=embedder, reranker=reranker)
+    report = mine_rows(rows, passages, config, tmp_path, embedder=embedder, reranker=reranker)
     text_to_index = {p.text: i for i, p in enumerate(passages)}
     expected_drops = 0
     for row, probs in zip(read(tmp_path / "mined-00000-of-00001.jsonl"), all_probs):
