@@ -30,6 +30,7 @@ from embedforge.templates import format_query, query_prompt
 logger = logging.getLogger(__name__)
 
 QWEN_EOS = "<|endoftext|>"
+PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
 
 
 @dataclass
@@ -47,6 +48,21 @@ class EmbedderSpec:
     def __post_init__(self):
         if self.pooling not in POOLING_MODES:
             raise ModelLoadError(f"unknown pooling {self.pooling!r}; expected one of {POOLING_MODES}")
+
+
+def quantize_embeddings(vectors: np.ndarray, precision: str) -> np.ndarray:
+    """sentence-transformers' embedding quantization: int8/uint8 buckets between each dimension's
+    min and max over these rows (255 steps, floor), binary/ubinary sign bits packed 8 per byte."""
+    if precision.endswith("int8"):
+        if len(vectors) < 2:
+            raise InputError(f"{precision} ranges need at least 2 embeddings to calibrate on")
+        starts = vectors.min(axis=0)
+        steps = (vectors.max(axis=0) - starts) / 255
+        steps = np.where(steps == 0, 1, steps)
+        buckets = np.clip(np.floor((vectors - starts) / steps), 0, 255)
+        return (buckets - 128).astype(np.int8) if precision == "int8" else buckets.astype(np.uint8)
+    packed = np.packbits(vectors > 0, axis=-1)
+    return (packed - 128).astype(np.int8) if precision == "binary" else packed
 
 
 def check_texts(texts: Any, what: str = "texts") -> list[str]:
@@ -248,31 +264,93 @@ class Embedder:
 
     def encode(
         self,
-        texts: Sequence[str],
+        texts: str | Sequence[str],
+        prompt_name: str | None = None,
+        prompt: str | None = None,
+        batch_size: int = 32,
+        show_progress_bar: bool | None = None,
+        output_value: str | None = "sentence_embedding",
+        precision: str = "float32",
+        convert_to_numpy: bool = True,
+        convert_to_tensor: bool = False,
+        device: str | torch.device | None = None,
+        normalize_embeddings: bool = False,
+        truncate_dim: int | None = None,
+        *,
         instruction: str | None = None,
         dim: int | None = None,
-        batch_size: int = 32,
         max_length: int | None = None,
-        show_progress: bool = False,
-        prompt_name: str | None = None,
-    ) -> np.ndarray:
-        """Embed texts; rows come back in input order as float32, L2-normalised (after MRL truncation).
+        show_progress: bool | None = None,
+    ) -> np.ndarray | torch.Tensor | list[torch.Tensor]:
+        """Embed texts; rows come back in input order, L2-normalised.
+
+        The keywords are sentence-transformers' `encode`, with the same meanings, so code written
+        for a `SentenceTransformer` runs unchanged; a single string gives a single vector.
 
         Args:
-            instruction: task description for queries (`Instruct: ...\\nQuery:`); None for documents.
-            dim: Matryoshka width: keep the first `dim` coordinates and renormalise.
-            prompt_name: use a prompt stored with a sentence-transformers folder instead ("query").
+            prompt_name: a prompt stored with the model ("query", "document"); `prompt`: a literal prefix.
+            precision: "float32", or quantized "int8" / "uint8" (ranges calibrated on these rows, as
+                sentence-transformers does) / "binary" / "ubinary" (sign bits packed 8 per byte).
+            normalize_embeddings: vectors are always unit length at full width (the pooling ends in a
+                normalisation); with `truncate_dim` this renormalises the truncated vectors.
+            truncate_dim: keep the first `truncate_dim` coordinates (not renormalised, as in
+                sentence-transformers, unless normalize_embeddings).
+            instruction: Qwen3 query instruction, formatted `Instruct: {instruction}\nQuery:{text}`.
+            dim: Matryoshka width, the Qwen3 convention: truncate to `dim`, then renormalise.
+            max_length: tokens per text (default: the model's).
+            show_progress: alias of show_progress_bar.
         """
-        texts = check_texts(texts)
-        if prompt_name is not None:
+        single = isinstance(texts, str)
+        texts = check_texts([texts] if single else texts)
+        if output_value != "sentence_embedding":
+            raise InputError(f"output_value={output_value!r} is not supported; embedforge returns sentence embeddings")
+        if precision not in PRECISIONS:
+            raise InputError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+        if batch_size < 1:
+            raise InputError(f"batch_size must be a positive integer, got {batch_size}")
+        if prompt_name is not None and prompt is None:
             if prompt_name not in self.spec.prompts:
                 raise InputError(f"unknown prompt_name {prompt_name!r}; this model has {sorted(self.spec.prompts)}")
-            prefix = self.spec.prompts[prompt_name]
-            texts, instruction = [prefix + t for t in texts], None
-        if dim is not None and not 0 < dim <= self.dimension:
-            raise InputError(f"dim must be in 1..{self.dimension}, got {dim}")
-        width = dim or self.dimension
-        out = np.zeros((len(texts), width), dtype=np.float32)
+            prompt = self.spec.prompts[prompt_name]
+        if prompt:
+            if instruction is not None:
+                raise InputError("pass either a prompt/prompt_name or an instruction, not both")
+            texts = [prompt + t for t in texts]
+        width = dim if dim is not None else truncate_dim
+        if width is not None and not 0 < width <= self.dimension:
+            raise InputError(f"dim must be in 1..{self.dimension}, got {width}")
+        renormalise = dim is not None or normalize_embeddings
+        if device is not None and torch.device(device) != self.device:
+            self.model.to(device)
+        vectors = self._encode_float(texts, instruction, width, renormalise, batch_size, max_length,
+                                     bool(show_progress if show_progress is not None else show_progress_bar))
+        if precision != "float32":
+            vectors = quantize_embeddings(vectors, precision)
+        if convert_to_tensor:
+            result: np.ndarray | torch.Tensor | list[torch.Tensor] = torch.from_numpy(vectors)
+        elif convert_to_numpy:
+            result = vectors
+        else:
+            result = list(torch.from_numpy(vectors))
+        return result[0] if single else result
+
+    def encode_query(self, texts: str | Sequence[str], **kwargs: Any):
+        """`encode` with the model's "query" prompt, when it has one (sentence-transformers' convention)."""
+        if "prompt" not in kwargs and "prompt_name" not in kwargs and "query" in self.spec.prompts:
+            kwargs["prompt_name"] = "query"
+        return self.encode(texts, **kwargs)
+
+    def encode_document(self, texts: str | Sequence[str], **kwargs: Any):
+        """`encode` with the model's document prompt ("document", "passage" or "corpus"), when it has one."""
+        if "prompt" not in kwargs and "prompt_name" not in kwargs:
+            name = next((n for n in ("document", "passage", "corpus") if n in self.spec.prompts), None)
+            if name is not None:
+                kwargs["prompt_name"] = name
+        return self.encode(texts, **kwargs)
+
+    def _encode_float(self, texts: list[str], instruction: str | None, width: int | None, renormalise: bool,
+                      batch_size: int, max_length: int | None, show_progress: bool) -> np.ndarray:
+        out = np.zeros((len(texts), width or self.dimension), dtype=np.float32)
         if not texts:
             return out
         # Tokenize once and batch by token count (not characters, as sentence-transformers does):
@@ -286,13 +364,20 @@ class Embedder:
             batches = tqdm(batches, desc="encode", unit="batch")
         with torch.inference_mode():
             for batch in batches:
-                vectors = truncate_and_normalize(self.embed(self._pad([rows[i] for i in batch])), dim)
+                vectors = self.embed(self._pad([rows[i] for i in batch]))
+                if width is not None:
+                    vectors = truncate_and_normalize(vectors, width) if renormalise else vectors[:, :width]
                 out[batch] = vectors.cpu().numpy()
         return out
 
-    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
-        """Cosine similarity of normalised rows."""
-        return a @ b.T
+    def similarity(self, a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch.Tensor:
+        """Cosine similarity matrix of two sets of vectors (sentence-transformers' `similarity`)."""
+        a, b = torch.as_tensor(np.asarray(a) if isinstance(a, list) else a), torch.as_tensor(b)
+        a, b = a.reshape(-1, a.shape[-1]).float(), b.reshape(-1, b.shape[-1]).float()
+        return F.normalize(a, dim=-1) @ F.normalize(b, dim=-1).T
+
+    def get_sentence_embedding_dimension(self) -> int:
+        return self.dimension
 
     # --- saving -------------------------------------------------------------------------------
 
