@@ -1,20 +1,27 @@
-"""Reading user data with file:line:field errors, and writing files and folders atomically.
+"""Reading user data with file:line:field errors, and one output discipline for every command.
 
-A writer never leaves a partial file behind: it writes to a temporary sibling and renames it into
-place only when complete, so an interrupted run leaves either the old file or the new one."""
+- A writer never leaves a partial file behind: it writes to a temporary sibling named after its
+  target and its process id, and renames it into place only when complete, so an interrupted run
+  leaves either the old output or the new one. Temporaries of dead processes are removed the next
+  time anything writes the same target.
+- An output never replaces one of the command's inputs, nor an existing output unless asked to
+  (`check_output`), and one writer at a time holds an output (`output_lock`)."""
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import json
 import os
 import shutil
+import socket
 import tempfile
+import time
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
-from embedforge.errors import InputError
+from embedforge.errors import ConfigError, InputError
 
 
 def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
@@ -22,8 +29,11 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
     path = str(path)
     if not os.path.exists(path):
         raise InputError("file not found", path=path)
-    with open(path, encoding="utf-8") as fh:
-        for number, line in enumerate(fh, start=1):
+    if os.path.isdir(path):
+        raise InputError("expected a file, got a folder", path=path)
+    with open(path, "rb") as fh:
+        for number, raw in enumerate(fh, start=1):
+            line = decode_line(raw, path, number)
             if not line.strip():
                 continue
             try:
@@ -32,16 +42,21 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
                 raise InputError(f"invalid JSON ({exc.msg} at column {exc.colno})", path=path, line=number) from None
 
 
+def decode_line(raw: bytes, path: str, line: int) -> str:
+    """UTF-8 text of one line, or an InputError naming the file, the line and the bad byte."""
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise InputError(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
+                         path=path, line=line) from None
+
+
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
     """Yield (line_number, object) for each non-blank line; a non-object line raises InputError."""
     for number, obj in iter_json_lines(path):
         if not isinstance(obj, dict):
             raise InputError(f"expected a JSON object, got {type(obj).__name__}", path=str(path), line=number)
         yield number, obj
-
-
-def read_jsonl(path: str | os.PathLike) -> list[dict[str, Any]]:
-    return [obj for _, obj in iter_jsonl(path)]
 
 
 def require_str(obj: dict, field: str, *, path: str, line: int, allow_empty: bool = False) -> str:
@@ -72,16 +87,55 @@ def read_texts(path: str | os.PathLike, field: str = "text") -> list[str]:
     return texts
 
 
+def _temp_prefix(final: Path) -> str:
+    return f".{final.name}.{os.getpid()}."
+
+
+def clean_stale_temporaries(final: str | os.PathLike) -> list[Path]:
+    """Remove temporaries of `final` left by processes that no longer run (killed mid-write)."""
+    final = Path(final)
+    removed = []
+    if not final.parent.is_dir():
+        return removed
+    for tmp in final.parent.glob(f".{glob_escape(final.name)}.*.tmp"):
+        pid = tmp.name[len(final.name) + 2:].split(".", 1)[0]
+        if not pid.isdigit() or _pid_alive(int(pid)):
+            continue
+        if tmp.name.endswith(".old.tmp") and not final.exists():
+            os.replace(tmp, final)  # killed between the two renames of a replacement: the old output is back
+            continue
+        shutil.rmtree(tmp, ignore_errors=True) if tmp.is_dir() else tmp.unlink(missing_ok=True)
+        removed.append(tmp)
+    return removed
+
+
+def glob_escape(name: str) -> str:
+    return "".join(f"[{c}]" if c in "*?[" else c for c in name)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary path beside `path`; it replaces `path` only if the block succeeds."""
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent)
+    clean_stale_temporaries(final)
+    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(final), suffix=".tmp", dir=final.parent)
     os.close(fd)
+    os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; outputs are meant to be shared like folders
     try:
-        yield Path(tmp)
-        os.replace(tmp, final)
+        with disk_errors(final):
+            yield Path(tmp)
+            os.replace(tmp, final)
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
@@ -98,21 +152,82 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     if final.exists() and not overwrite:
         raise InputError("output folder exists; pass --overwrite to replace it", path=str(final))
     final.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}.", suffix=".tmp", dir=final.parent))
+    clean_stale_temporaries(final)
+    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), suffix=".tmp", dir=final.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes owner-only folders; outputs are meant to be shared
     try:
-        yield tmp
-        if final.exists():
-            old = final.with_name(f".{final.name}.old")
-            shutil.rmtree(old, ignore_errors=True)
-            os.replace(final, old)
-            os.replace(tmp, final)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, final)
+        with disk_errors(final):
+            yield tmp
+            if final.exists():
+                old = final.with_name(f"{_temp_prefix(final)}old.tmp")
+                shutil.rmtree(old, ignore_errors=True)
+                os.replace(final, old)
+                os.replace(tmp, final)
+                shutil.rmtree(old, ignore_errors=True)
+            else:
+                os.replace(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+@contextlib.contextmanager
+def disk_errors(target: str | os.PathLike) -> Iterator[None]:
+    """A full disk or a read-only target becomes one line naming what was being written."""
+    try:
+        yield
+    except OSError as exc:
+        if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise InputError("no space left on the device while writing; free space and rerun to resume",
+                             path=str(target)) from None
+        if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
+            raise InputError(f"cannot write here ({exc.strerror})", path=str(target)) from None
+        raise
+
+
+def check_output(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), *,
+                 overwrite: bool = False, resumable: bool = False) -> Path:
+    """Refuse an output that is one of the inputs (or holds or lies inside one), and an existing
+    output unless `overwrite` (or `resumable`: the command continues what is there)."""
+    out = Path(output).resolve()
+    for source in inputs:
+        if source is None or not str(source) or ":" in str(source) and not os.path.exists(source):
+            continue  # Hub ids and builtin: names are not files
+        src = Path(source).resolve()
+        if out == src or src in out.parents or out in src.parents:
+            raise InputError(f"output would write over the input {source}; choose another output",
+                             path=str(output))
+    if out.exists() and not (overwrite or resumable):
+        if out.is_dir() and not any(out.iterdir()):
+            return out
+        raise InputError("output exists; pass --overwrite to replace it", path=str(output))
+    return out
+
+
+@contextlib.contextmanager
+def output_lock(output: str | os.PathLike) -> Iterator[Path]:
+    """Hold an advisory lock on `output` for the whole command; a second writer is refused.
+
+    The lock file `.NAME.lock` beside the output records the holder's PID and host. The lock is
+    an `fcntl.flock`, which the kernel releases when the holder dies, so a lock left by a killed
+    process is never in the way."""
+    import fcntl
+
+    final = Path(output)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    lock = final.parent / f".{final.name}.lock"
+    with open(lock, "a+", encoding="utf-8") as fh:
+        try:
+            fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            fh.seek(0)
+            holder = fh.read().strip() or "another process"
+            raise ConfigError(f"{final}: in use by {holder}; wait for it to finish or choose another output") from None
+        fh.seek(0)
+        fh.truncate()
+        fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+        fh.flush()
+        yield lock
 
 
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
