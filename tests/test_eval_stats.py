@@ -14,17 +14,27 @@ from scipy import stats as sps
 from embedforge.errors import InputError
 from embedforge.eval.metrics import METRIC_KEYS, query_metrics
 from embedforge.eval.random_ranking import expected_query_metrics, random_ranking_baseline
-from embedforge.eval.stats import bootstrap_ci, paired_bootstrap_ci, paired_randomisation_test
+from embedforge.eval.stats import _BINOMIAL_COST, bootstrap_ci, paired_bootstrap_ci, paired_randomisation_test
 
 Z = sps.norm.ppf(0.975)
 
 
-def ndcg_like(n: int, seed: int, shift: float = 0.0) -> np.ndarray:
-    """Per-query scores shaped like nDCG@10: a third at 0, the rest 1/log2(rank + 1) of a rank in 1..10."""
+def ndcg_like(n: int, seed: int, shift: float = 0.0, max_rank: int = 10) -> np.ndarray:
+    """Per-query scores shaped like nDCG@10: a third at 0, the rest 1/log2(rank + 1) of a rank in 1..max_rank."""
     rng = np.random.default_rng(seed)
-    ranks = rng.integers(1, 11, size=n)
+    ranks = rng.integers(1, max_rank + 1, size=n)
     values = np.where(rng.random(n) < 0.33 - shift, 0.0, 1.0 / np.log2(ranks + 1))
     return values
+
+
+def by_value(values: np.ndarray) -> bool:
+    """Whether embedforge.eval.stats resamples these values by distinct value (else query by query)."""
+    return np.unique(values[values != 0]).size * _BINOMIAL_COST < values.size
+
+
+# 200 queries with 11 distinct values: resampled query by query; 1,000 queries with 4 distinct values
+# (differences: 7): resampled by value. Both routes must give scipy's answer.
+SIZES = pytest.mark.parametrize("n,max_rank", [(200, 10), (1_000, 3)])
 
 
 def quantile_tolerance(values: np.ndarray, n_resamples: int) -> float:
@@ -37,8 +47,10 @@ def quantile_tolerance(values: np.ndarray, n_resamples: int) -> float:
     return 4 * math.sqrt(2) * se
 
 
-def test_bootstrap_interval_matches_scipy_percentile_bootstrap():
-    x = ndcg_like(200, seed=0)
+@SIZES
+def test_bootstrap_interval_matches_scipy_percentile_bootstrap(n, max_rank):
+    x = ndcg_like(n, seed=0, max_rank=max_rank)
+    assert by_value(x) == (n > 200)
     ours = bootstrap_ci(x, confidence=0.95, n_resamples=20_000, seed=1)
     ref = sps.bootstrap((x,), np.mean, confidence_level=0.95, n_resamples=20_000, method="percentile",
                         rng=np.random.default_rng(7)).confidence_interval
@@ -48,8 +60,10 @@ def test_bootstrap_interval_matches_scipy_percentile_bootstrap():
     assert bootstrap_ci(x, n_resamples=2_000, seed=3) == bootstrap_ci(x, n_resamples=2_000, seed=3)  # seeded
 
 
-def test_paired_bootstrap_interval_matches_scipy_paired_bootstrap():
-    a, b = ndcg_like(150, seed=1, shift=0.1), ndcg_like(150, seed=2)
+@SIZES
+def test_paired_bootstrap_interval_matches_scipy_paired_bootstrap(n, max_rank):
+    a, b = ndcg_like(n, seed=1, shift=0.1, max_rank=max_rank), ndcg_like(n, seed=2, max_rank=max_rank)
+    assert by_value(a - b) == (n > 200)
     ours = paired_bootstrap_ci(a, b, n_resamples=20_000, seed=0)
     ref = sps.bootstrap((a, b), lambda x, y, axis: np.mean(x - y, axis=axis), paired=True, vectorized=True,
                         n_resamples=20_000, method="percentile", rng=np.random.default_rng(5)).confidence_interval
@@ -73,8 +87,10 @@ def test_randomisation_test_is_exact_like_scipy_on_small_query_sets():
     assert paired_randomisation_test(a, a) == 1.0  # identical systems: nothing to detect
 
 
-def test_randomisation_test_agrees_with_scipy_by_monte_carlo():
-    a, b = ndcg_like(200, seed=3, shift=0.05), ndcg_like(200, seed=4)
+@pytest.mark.parametrize("n,max_rank,shift", [(200, 10, 0.05), (1_000, 3, 0.03)])
+def test_randomisation_test_agrees_with_scipy_by_monte_carlo(n, max_rank, shift):
+    a, b = ndcg_like(n, seed=3, shift=shift, max_rank=max_rank), ndcg_like(n, seed=4, max_rank=max_rank)
+    assert by_value(a - b) == (n > 200)
     ours = paired_randomisation_test(a, b, n_resamples=20_000, seed=0)
     ref = scipy_sign_flip_p(a, b, 20_000, seed=11)
     # Two independent Monte Carlo estimates of one p-value: each has sd sqrt(p(1-p)/B).
