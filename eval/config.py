@@ -39,21 +39,21 @@ class EvalConfig(StatisticsFields):
     data: str | None = Field(None, description="BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
     mteb: list[str] | None = Field(None, description="mteb task names and/or local BEIR folders (instead of data)")
     output: str | None = Field(None, description="results JSON to write")
-    mteb_output: str | None = Field(None, description="folder for mteb's own result files "
-                                                      "(default: beside output, named <output stem>-mteb)")
+    mteb_output: str | None = Field(None, description="folder for mteb's own result files; unset: "
+                                                      "<output stem>-mteb beside output")
     split: str = Field("test", description="qrels split")
-    instruction: str | None = Field(None, description="query instruction (default: the model's; '' for none)")
-    dim: int | None = Field(None, gt=0, description="Matryoshka width (default: full)")
+    instruction: str | None = Field(None, description="query instruction; unset: the model's own, '' for none")
+    dim: int | None = Field(None, gt=0, description="Matryoshka width; unset: full")
     reranker: str | None = Field(None, description="reranker (Hub id or folder) to rescore the top-k")
     top_k: int = Field(100, gt=0, description="documents per query to rerank")
-    reranker_instruction: str | None = Field(None, description="reranker instruction (default: the query's)")
+    reranker_instruction: str | None = Field(None, description="reranker instruction; unset: the query's")
     search_backend: Literal["torch", "faiss-flat", "faiss-ivf"] = Field(
         "torch", description="torch: exact blocked search, GPU when available; faiss-ivf: approximate")
     batch_size: int = Field(32, gt=0)
     dtype: str = Field("auto", description="model dtype: auto, float32, bfloat16, float16")
-    device: str | None = Field(None, description="cpu, cuda, cuda:1 (default: the best available)")
-    max_length: int | None = Field(None, gt=0, description="token limit per text (default: the model's)")
-    label: str | None = Field(None, description="name of this run in reports (default: the model folder name)")
+    device: str | None = Field(None, description="cpu, cuda, cuda:1; unset: the best available")
+    max_length: int | None = Field(None, gt=0, description="token limit per text; unset: the model's")
+    label: str | None = Field(None, description="name of this run in reports; unset: the model folder's name")
     meta: dict[str, Any] = Field(default_factory=dict, description="extra fields recorded under 'meta' "
                                                                    "(e.g. merge_t for the merge plot)")
     per_query: bool = Field(True, description="record per-query metrics (needed for paired comparisons)")
@@ -61,8 +61,8 @@ class EvalConfig(StatisticsFields):
                                                                    "against (paired test), e.g. the base model's")
     task_instructions: dict[str, str] = Field(default_factory=dict, description="mteb: task name -> instruction, "
                                                                                 "over the Qwen3 table")
-    use_instructions: bool | None = Field(None, description="mteb: instructions on/off (default: when the model "
-                                                            "takes them)")
+    use_instructions: bool | None = Field(None, description="mteb: instructions on or off; unset: on when the "
+                                                            "model takes them")
 
     def check_ready(self) -> None:
         """The checks that need the inputs and output set (a recipe may leave them to the pipeline)."""
@@ -85,11 +85,11 @@ class ReportConfig(StatisticsFields):
     """Results files side by side, in the order given (base, trained, merged)."""
 
     results: list[str] = Field(default_factory=list, description="results JSON files, in pipeline order")
-    output: str | None = Field(None, description="markdown file to write (default: print)")
+    output: str | None = Field(None, description="markdown file to write; unset: print")
     plots_dir: str | None = Field(None, description="folder for PNG plots")
     metric: str = Field("ndcg_at_10", description="headline metric of the summary table and the plots")
-    baseline: str | None = Field(None, description="label or file of the result the others are compared with "
-                                                   "(default: the first result of each data set)")
+    baseline: str | None = Field(None, description="label or file of the result the others are compared with; "
+                                                   "unset: the first result of each data set")
 
     def check_ready(self) -> None:
         if not self.results:
