@@ -61,15 +61,25 @@ def gate_tolerance(config: ExportConfig, model) -> float:
 
 
 def clean_config(folder: Path) -> list[str]:
-    """Drop load-time keys and dangling remote-code references from the written configs."""
+    """Drop load-time keys and dangling remote-code references from the written configs, and keep
+    the rope base readable by transformers 4 (returns what changed).
+
+    transformers 5 writes the rope base only inside `rope_parameters`; transformers 4 (what
+    sentence-transformers' ONNX backend, optimum, runs on) ignores that key and silently uses its
+    default base of 10000, which gives other vectors. Both versions read a top-level `rope_theta`.
+    """
     from embedforge.merge.stream import strip_auto_map
 
     path = folder / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
-    dropped = [key for key in LOAD_TIME_CONFIG_KEYS if config.pop(key, None) is not None]
-    if dropped:
+    changed = [key for key in LOAD_TIME_CONFIG_KEYS if config.pop(key, None) is not None]
+    theta = (config.get("rope_parameters") or {}).get("rope_theta")
+    if theta is not None and "rope_theta" not in config:
+        config["rope_theta"] = theta
+        changed.append("rope_theta (from rope_parameters)")
+    if changed:
         path.write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
-    return dropped + strip_auto_map(folder)
+    return changed + strip_auto_map(folder)
 
 
 def _model_type(folder: Path) -> str:

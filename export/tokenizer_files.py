@@ -135,10 +135,18 @@ def strip_special_additions(folder: str | Path, tokenizer) -> str:
 
 
 def clean_tokenizer_config(folder: str | Path, *, padding_side: str) -> None:
-    """Drop load-time keys and pin the padding side runtimes that pad should use."""
+    """Drop load-time keys, name a tokenizer class every transformers version knows, and pin the
+    padding side runtimes that pad should use.
+
+    transformers 5 saves `tokenizer_class: TokenizersBackend`, which transformers 4 cannot load;
+    both load `PreTrainedTokenizerFast` over the same `tokenizer.json` (the gate reloads it).
+    """
     path = Path(folder) / "tokenizer_config.json"
     config = json.loads(path.read_text(encoding="utf-8"))
     for key in LOAD_TIME_KEYS:
         config.pop(key, None)
+    if config.get("tokenizer_class") == "TokenizersBackend":
+        config["tokenizer_class"] = "PreTrainedTokenizerFast"
+        config.pop("backend", None)
     config["padding_side"] = padding_side
     path.write_text(json.dumps(config, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
