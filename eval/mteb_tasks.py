@@ -71,9 +71,6 @@ def run_mteb(encoder: MtebEncoder, tasks: Sequence[str], output_folder: str | os
             hub_tasks = list(mteb.get_tasks(tasks=names))
         except KeyError as exc:
             raise ConfigError(f"mteb: {exc.args[0] if exc.args else exc} (and no folder of that name)") from None
-        unknown = sorted(set(names) - {t.metadata.name for t in hub_tasks})
-        if unknown:
-            raise ConfigError(f"mteb: unknown task(s) {unknown}, and no folder of that name")
     cache = mteb.ResultCache(cache_path=Path(output_folder))
     settings = {"cache": cache, "show_progress_bar": show_progress,
                 "encode_kwargs": {"batch_size": encoder.batch_size, "show_progress_bar": show_progress}}
