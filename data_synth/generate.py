@@ -638,6 +638,8 @@ class SynthesisRun:
         attempts: dict[str, int] = {}
         sampled: dict[str, Any] = {"task": plan.task, "language": plan.language, "length": plan.length}
         spec = _call_spec(plan.task, self.strategy)
+        if spec is not None and "length" not in self.templates[spec.template].slots:
+            del sampled["length"]  # this template asks for no length: record none
         try:
             if spec is None:
                 made = await self._persona_flow(caller, passage, plan, candidates, sampled, attempts)
