@@ -77,11 +77,14 @@ def model_fingerprint(embedder: Any) -> str:
 
 
 def mteb_name(source: str | os.PathLike) -> str:
-    """`org/name` as mteb requires: a Hub id as it is, a local folder as `local/<folder name>`."""
+    """`org/name` as mteb requires: a Hub id as it is, a local folder as `local/<folder name>`,
+    any other label as `local/<label>` with characters unsafe in a path replaced."""
     text = str(source).rstrip("/")
-    if not os.path.exists(text) and re.fullmatch(r"[\w.-]+/[\w.-]+", text):
+    if os.path.exists(text):
+        text = Path(text).resolve().name
+    elif re.fullmatch(r"[\w.-]+/[\w.-]+", text):
         return text
-    return "local/" + (re.sub(r"[^\w.-]+", "_", Path(text).name) or "model")
+    return "local/" + (re.sub(r"[^\w.-]+", "_", text).strip("_") or "model")
 
 
 class MtebEncoder:

@@ -76,9 +76,12 @@ def test_encoder_models_get_no_instruction_unless_forced():
     assert llm.instruction_for("NFCorpus", "Retrieval", "query") == "Mine"  # an override beats the table
 
 
-def test_names_mteb_accepts():
+def test_names_mteb_accepts(tmp_path):
+    (tmp_path / "merged").mkdir()
+    assert mteb_name(tmp_path / "merged") == "local/merged"
     assert mteb_name("Qwen/Qwen3-Embedding-0.6B") == "Qwen/Qwen3-Embedding-0.6B"
-    assert mteb_name("/runs/demo/merged/") == "local/merged"
+    assert mteb_name("/runs/demo/merged/") == "local/runs_demo_merged"  # not on this machine: a label
+    assert mteb_name("merged / corpus") == "local/merged_corpus"
 
 
 def test_cli_mteb_without_mteb_installed_says_how_to_install(monkeypatch, tmp_path, capsys):
