@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections import Counter
 
 import numpy as np
 import pytest
@@ -337,3 +338,99 @@ def test_reading_a_live_shard_ignores_its_partial_line_and_leaves_it_alone(tmp_p
     path.write_text(content, encoding="utf-8")
     assert [r["passage_id"] for r in read_finished_rows(path)] == ["a", "b"]
     assert path.read_text(encoding="utf-8") == content
+
+
+# --- the one-call strategy, groups of rows, the stage function -----------------------------------
+
+ONE_CALL_REPLY = json.dumps({
+    "topic": "medicine dosage",
+    "question": "how is a medicine dose chosen?",
+    "keywords": "medicine dosage",
+    "summary": "medicine dosage",  # a repeat of the keywords: kept once
+})
+
+
+class SmallScripted(ScriptedBackend):
+    num_parameters = 135_000_000  # what the transformers backend reports for SmolLM2-135M
+
+
+def one_call_script(messages, call):
+    assert "Name the topic of the passage" in messages[-1]["content"]
+    return ONE_CALL_REPLY
+
+
+def test_auto_strategy_gives_small_generators_one_call_with_several_queries(tmp_path):
+    backend = SmallScripted(one_call_script)
+    corpus = passages(["ok"] * 3)
+    run = SynthesisRun(SynthConfig(), backend, tmp_path)  # no persona retriever needed
+    report = run.run(corpus)
+    assert run.strategy == "one_call" and len(backend.calls) == 3
+    rows = read(tmp_path / "pairs-00000-of-00001.jsonl")
+    assert report.rows_written == len(rows) == 6 and report.passages_with_rows == 3 and report.pending == 0
+    first = [r for r in rows if r["passage_id"] == corpus[0].id]
+    assert [r["query"] for r in first] == ["how is a medicine dose chosen?", "medicine dosage"]
+    assert [r["provenance"]["sampled"]["question_type"] for r in first] == ["acquire_knowledge", "keywords"]
+    assert [r["provenance"]["group"] for r in first] == [[0, 2], [1, 2]]
+    prov = first[0]["provenance"]
+    assert prov["strategy"] == "one_call" and set(prov["templates"]) == {"retrieval_one_call"}
+    assert "length" not in prov["sampled"] and prov["sampling"]["temperature"] == 0.3
+    assert SynthesisRun(SynthConfig(), ScriptedBackend(Script()), tmp_path / "x", retriever_for_test()).strategy == (
+        "persona")  # a backend of unknown size keeps the report's flow
+
+
+def retriever_for_test():
+    return PersonaRetriever(load_personas(), hashed_bag_of_words)
+
+
+def test_a_group_cut_by_a_kill_is_removed_and_its_passage_redone(tmp_path):
+    corpus = passages(["ok"] * 3)
+    SynthesisRun(SynthConfig(), SmallScripted(one_call_script), tmp_path).run(corpus)
+    path = tmp_path / "pairs-00000-of-00001.jsonl"
+    lines = path.read_text().splitlines(keepends=True)
+    torn = json.loads(lines[-1])["passage_id"]
+    path.write_text("".join(lines[:-1]))  # the kill came after the group's first line
+    backend = SmallScripted(one_call_script)
+    report = SynthesisRun(SynthConfig(), backend, tmp_path).run(corpus)
+    assert report.recovered_torn_bytes == len(lines[-2]) and len(backend.calls) == 1
+    assert next(p.text for p in corpus if p.id == torn) in backend.calls[0][-1]["content"]
+    rows = read(path)
+    assert len(rows) == 6 and Counter(r["passage_id"] for r in rows) == {p.id: 2 for p in corpus}
+
+
+def test_synthesize_writes_rows_reports_and_provenance(tmp_path):
+    from embedforge.data_synth import SynthConfig as Exported
+    from embedforge.data_synth import synthesize
+
+    assert Exported is SynthConfig
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text("".join(json.dumps({"id": f"d{i}", "text": f"case=ok text {i} on medicine dosage."}) + "\n"
+                              for i in range(4)))
+    config = SynthConfig(corpus=str(corpus), output=str(tmp_path / "out"), judge=None)
+    outcome = synthesize(config, backend=SmallScripted(one_call_script))
+    assert (outcome.rows, outcome.passages, outcome.passages_with_rows, outcome.status) == (8, 4, 4, "complete")
+    assert outcome.strategy == "one_call" and outcome.schema_valid_rate == 1.0 and not outcome.warnings
+    quality = json.loads((tmp_path / "out" / "quality.json").read_text())
+    assert quality["question_types"] == {"acquire_knowledge": 4, "keywords": 4}
+    assert quality["exact_duplicate_queries"] == 6  # four passages, the same two queries
+    trail = json.loads((tmp_path / "out" / "provenance.json").read_text())
+    record = trail[-1]
+    assert record["stage"] == "synth" and record["strategy"] == "one_call"
+    assert record["corpus"]["passages"] == 4 and len(record["corpus"]["texts_sha256"]) == 64
+    assert record["templates"]["retrieval_one_call"]["version"] == 1
+    assert "## Quality" in (tmp_path / "out" / "coverage.md").read_text()
+
+
+def test_synthesize_warns_when_nothing_came_out_and_names_missing_paths(tmp_path):
+    from embedforge.data_synth import synthesize
+
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text(json.dumps({"id": "d", "text": "case=ok a passage"}) + "\n")
+    outcome = synthesize(SynthConfig(corpus=str(corpus), output=str(tmp_path / "out"), judge=None,
+                                     max_attempts=2), backend=SmallScripted(lambda m, c: "no json here"))
+    assert outcome.rows == 0 and outcome.schema_valid_rate == 0.0
+    assert any("wrote no rows" in w and "malformed_json 1" in w for w in outcome.warnings)
+    assert any("valid JSON of the schema" in w for w in outcome.warnings)
+    with pytest.raises(ConfigError, match="`corpus` is not set"):
+        synthesize(SynthConfig(output=str(tmp_path / "o")), backend=SmallScripted(one_call_script))
+    with pytest.raises(ConfigError, match="`model` is not set"):
+        synthesize(SynthConfig(corpus=str(corpus), output=str(tmp_path / "o")))

@@ -122,6 +122,43 @@ def test_request_body_follows_the_openai_schema():
     }
 
 
+SCHEMA = {"type": "object", "properties": {"query": {"type": "string"}}, "required": ["query"],
+          "additionalProperties": False}
+
+
+def test_a_schema_is_sent_as_response_format_json_schema():
+    with CueServer([("ok", '{"query": "x"}')]) as srv:
+        b = backend(srv.url)
+        result = b.generate([MSG], GenerationParams(json_schema=json.dumps(SCHEMA)))[0]
+    assert result.ok and b.structured_mode == "json_schema"
+    assert srv.requests[0]["body"]["response_format"] == {
+        "type": "json_schema",
+        "json_schema": {"name": "reply", "schema": SCHEMA, "strict": True},
+    }
+
+
+def test_a_server_that_rejects_response_format_gets_json_object_then_none():
+    """400 to json_schema, 422 to json_object: the same request goes out again at once with a
+    weaker format (no retry spent), and later requests start at the level the server accepted."""
+    cues = [("status", 400), ("status", 422), ("ok", '{"query": "x"}'), ("ok", '{"query": "y"}')]
+    with CueServer(cues) as srv:
+        b = backend(srv.url, max_retries=0)
+        params = GenerationParams(json_schema=json.dumps(SCHEMA))
+        first = b.generate([MSG], params)[0]
+        second = b.generate([MSG], params)[0]
+    assert first.ok and first.attempts == 1 and second.text == '{"query": "y"}'
+    formats = [r["body"].get("response_format", {}).get("type") for r in srv.requests]
+    assert formats == ["json_schema", "json_object", None, None]
+    assert b.structured_mode == "prompt"
+
+
+def test_a_rejection_without_response_format_is_not_a_format_problem():
+    with CueServer([("status", 400), ("ok", "never")]) as srv:
+        b = backend(srv.url, max_retries=3)
+        result = b.generate([MSG], GenerationParams())[0]
+    assert result.error == "http_error" and len(srv.requests) == 1 and b.structured_mode == "json_schema"
+
+
 def test_5xx_and_dropped_connections_are_retried_until_success():
     with CueServer([("status", 500), ("drop",), ("status", 503), ("ok", "fine")]) as srv:
         result = backend(srv.url, max_retries=4).generate([MSG], GenerationParams())[0]
