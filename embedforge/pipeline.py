@@ -1,5 +1,5 @@
-"""`embedforge run RECIPE.yaml`: compose the stages, cache each by a hash of its inputs and config,
-and record everything in a manifest.
+"""`embedforge run RECIPE.yaml`: compose the stage functions, cache each by a hash of its inputs and
+config, and record every stage's typed outcome in a manifest.
 
 Stages talk through files on disk. Each stage's output folder is named after the hash of
 (stage name, its config, the hashes of its inputs), and is marked complete only after the stage
@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from embedforge import __version__
+from embedforge.errors import ConfigError, EmbedforgeError
 from embedforge.io import write_json
 
 logger = logging.getLogger(__name__)
@@ -47,13 +48,7 @@ def file_fingerprint(path: str | os.PathLike) -> str:
     return stable_hash(str(path))  # a Hub id
 
 
-@dataclass
-class StageResult:
-    outputs: dict[str, str]
-    metrics: dict[str, Any]
-
-
-StageFn = Callable[[dict[str, str], Path], StageResult]
+StageFn = Callable[[dict[str, str], Path], Any]
 
 
 @dataclass
@@ -65,11 +60,16 @@ class StageRun:
 
 
 class Pipeline:
-    """Run stages in order; each is skipped when a completed run of the same hash exists."""
+    """Run stages in order; each is skipped when a completed run of the same hash exists.
 
-    def __init__(self, workdir: str | os.PathLike, recipe: dict[str, Any], *, progress: Callable[[str], None] = print):
+    A stage function returns its typed outcome (a `StageOutcome`); the pipeline records its dump in
+    the stage folder's COMPLETE marker and in the manifest, and hands it to the next stages."""
+
+    def __init__(self, workdir: str | os.PathLike, recipe: dict[str, Any], *, strict: bool = False,
+                 progress: Callable[[str], None] = print):
         self.workdir = Path(workdir)
         self.recipe = recipe
+        self.strict = strict
         self.progress = progress
         self.manifest_path = self.workdir / "manifest.json"
         self.manifest: dict[str, Any] = {"embedforge": __version__, "recipe": recipe, "stages": {}}
@@ -85,7 +85,7 @@ class Pipeline:
         })
         return self.workdir / f"{run.name}-{key}", key
 
-    def run(self, run: StageRun) -> StageResult:
+    def run(self, run: StageRun) -> dict[str, Any]:
         out, key = self.stage_dir(run)
         done = out / COMPLETE
         if done.exists():
@@ -93,29 +93,41 @@ class Pipeline:
             self.progress(f"[{run.name}] cached ({out.name})")
             self.manifest["stages"][run.name] = record | {"cached": True}
             self._save()
-            return StageResult(outputs=record["outputs"], metrics=record["metrics"])
+            self._check(run.name, record["outcome"])
+            return record["outcome"]
         out.mkdir(parents=True, exist_ok=True)
         self.progress(f"[{run.name}] running -> {out}")
         started = time.time()
         self.manifest["stages"][run.name] = {"status": "running", "dir": str(out), "key": key, "config": run.config,
                                              "inputs": run.inputs, "started": started}
         self._save()
-        result = run.fn(run.inputs, out)
+        outcome = run.fn(run.inputs, out).model_dump(mode="json")
         record = {
             "status": "complete",
             "dir": str(out),
             "key": key,
             "config": run.config,
             "inputs": run.inputs,
-            "outputs": result.outputs,
-            "metrics": result.metrics,
+            "outcome": outcome,
             "seconds": round(time.time() - started, 2),
         }
         write_json(done, record)
         self.manifest["stages"][run.name] = record
         self._save()
         self.progress(f"[{run.name}] done in {record['seconds']:.0f}s")
-        return result
+        self._check(run.name, outcome)
+        return outcome
+
+    def _check(self, name: str, outcome: dict[str, Any]) -> None:
+        for warning in outcome.get("warnings", []):
+            self.progress(f"[{name}] WARNING: {warning}")
+        if self.strict and outcome.get("warnings"):
+            raise EmbedforgeError(f"{name}: stopped by --strict: {'; '.join(outcome['warnings'])}")
+
+    def warnings(self) -> list[str]:
+        """Every stage's warnings, in pipeline order."""
+        return [f"{name}: {w}" for name, record in self.manifest["stages"].items()
+                for w in (record.get("outcome") or {}).get("warnings", [])]
 
     def _save(self) -> None:
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -123,70 +135,130 @@ class Pipeline:
 
 
 def validate_recipe(recipe) -> None:
-    """Check every stage's settings with the stage's own config class, before anything runs."""
-    from embedforge.config import validate
-    from embedforge.data_synth.filtering import FilterConfig
-    from embedforge.data_synth.generate import SynthConfig
-    from embedforge.data_synth.mine import MineConfig
-    from embedforge.train.config import TrainConfig
+    """What can be checked before anything runs, beyond the schema: every path the recipe names
+    exists, built-in names are known, and the stage configs the pipeline will build are valid."""
+    from embedforge.builtin_data import BUILTIN_CORPORA
+    from embedforge.offline_models import BUILTIN_MODELS
 
-    src = f"recipe {recipe.name}"
-    if recipe.synth.enabled:
-        validate(SynthConfig, recipe.synth.settings, f"{src}: synth.settings")
-    if recipe.filter.enabled:
-        validate(FilterConfig, recipe.filter.settings, f"{src}: filter.settings")
-    if recipe.mine.enabled:
-        validate(MineConfig, {"model": "m", **recipe.mine.settings}, f"{src}: mine.settings")
-    train = dict(recipe.train.settings)
-    train.setdefault("data", [{"path": "pipeline"}])
-    validate(TrainConfig, {"model": "m", "output_dir": "o", **train}, f"{src}: train.settings")
+    def known(name: str, what: str, table) -> None:
+        if name.startswith("builtin:"):
+            if name.removeprefix("builtin:") not in table and name not in table:
+                raise ConfigError(f"{what}: unknown {name!r}; known: {', '.join(sorted(map(str, table)))}")
+        elif what.endswith("path") and not os.path.exists(name):
+            raise ConfigError(f"{what}: {name}: no such file or folder")
+
+    known(recipe.corpus.path, "corpus.path", BUILTIN_CORPORA)
+    for what, name in (("model", recipe.model), ("synth.model", recipe.synth.model),
+                       ("filter.teacher", recipe.filter.teacher), ("mine.model", recipe.mine.model)):
+        if name and name.startswith("builtin:"):
+            known(name, what, BUILTIN_MODELS)
+    for i, data in enumerate(recipe.train.data):
+        if not data.path.startswith("hf:"):
+            known(data.path, f"train.data.{i}.path", {})
+    for name in recipe.eval.sets:
+        if name.startswith("builtin:"):
+            known(name, "eval.sets", BUILTIN_CORPORA)
+        elif name not in ("corpus", "heldout"):
+            known(name, "eval.sets path", {})
+    if recipe.train.launch is not None and recipe.train.launch.config_file:
+        from embedforge.stages import accelerate_config
+
+        accelerate_config(recipe.train.launch.config_file)
+    if "corpus" in recipe.eval.sets and not recipe.corpus.path.startswith("builtin:"):
+        raise ConfigError("eval.sets: `corpus` means the corpus's own real queries, which only built-in corpora "
+                          "carry; list a BEIR folder of real queries instead")
 
 
-def run_recipe(recipe, *, workdir: str | os.PathLike | None = None, progress: Callable[[str], None] = print) -> dict:
-    """corpus -> synth -> filter -> split -> mine -> train -> merge -> eval -> export; returns the manifest."""
+def eval_sets(recipe, corpus: dict[str, Any], heldout: str | None, workdir: Path) -> dict[str, str]:
+    """label -> BEIR folder for each `eval.sets` entry (real queries first, as the recipe lists them)."""
+    from embedforge.builtin_data import load_builtin_corpus
+    from embedforge.eval.beir import write_beir
+
+    sets: dict[str, str] = {}
+    for name in recipe.eval.sets:
+        if name == "corpus":
+            if not corpus.get("real_queries"):
+                raise ConfigError(f"eval.sets: corpus: {recipe.corpus.path} has no real queries; list a BEIR "
+                                  "folder of real queries, or `heldout` for synthetic ones")
+            sets[f"{recipe.corpus.path.removeprefix('builtin:')} (real queries)"] = corpus["real_queries"]
+        elif name == "heldout":
+            sets["heldout (synthetic queries)"] = heldout or ""
+        elif name.startswith("builtin:"):
+            folder = workdir / "eval-sets" / name.removeprefix("builtin:")
+            if not (folder / "qrels").is_dir():
+                data = load_builtin_corpus(name).real_queries
+                if data is None:
+                    raise ConfigError(f"eval.sets: {name} has no real queries")
+                write_beir(folder, data, overwrite=True)
+            sets[f"{name.removeprefix('builtin:')} (real queries)"] = str(folder)
+        else:
+            sets[Path(name).name] = name
+    return sets
+
+
+def run_recipe(recipe, *, workdir: str | os.PathLike | None = None, progress: Callable[[str], None] = print,
+               strict: bool | None = None) -> dict:
+    """corpus -> synth -> filter -> [split] -> mine -> base -> train -> merge -> eval -> export;
+    returns the manifest (with every stage's outcome and the warnings in pipeline order)."""
     from functools import partial
 
     from embedforge import stages
 
-    validate_recipe(recipe)
     workdir = Path(workdir or recipe.workdir.format(name=recipe.name))
-    pipe = Pipeline(workdir, recipe.model_dump(by_alias=True, mode="json"), progress=progress)
+    pipe = Pipeline(workdir, recipe.model_dump(by_alias=True, mode="json"),
+                    strict=recipe.strict if strict is None else strict, progress=progress)
     common = {"model": recipe.model, "task": recipe.task, "instruction": recipe.instruction}
 
-    def step(name: str, section: Any, inputs: dict[str, str], fn) -> StageResult:
+    def step(name: str, section: Any, inputs: dict[str, str], fn) -> dict[str, Any]:
         config = common | {"section": section.model_dump(by_alias=True, mode="json") if section is not None else None}
         return pipe.run(StageRun(name, partial(fn, recipe), config, inputs))
 
     corpus_inputs = {} if recipe.corpus.path.startswith("builtin:") else {"corpus": recipe.corpus.path}
-    passages = step("corpus", recipe.corpus, corpus_inputs, stages.corpus_stage).outputs["passages"]
+    corpus = step("corpus", recipe.corpus, corpus_inputs, stages.corpus_stage)
+    passages = corpus["output"]
+    real_queries = [corpus["real_queries"]] if corpus.get("real_queries") else []
     train_inputs: dict[str, str] = {}
     heldout = None
     if recipe.synth.enabled:
-        pairs = step("synth", recipe.synth, {"passages": passages}, stages.synth_stage).outputs["pairs"]
+        generator_passages = str(Path(passages).with_name("generator-passages.jsonl"))
+        pairs = step("synth", recipe.synth, {"passages": generator_passages}, stages.synth_stage)["output"]
         if recipe.filter.enabled:
-            pairs = step("filter", recipe.filter, {"pairs": pairs}, stages.filter_stage).outputs["pairs"]
-        split = step("split", recipe.split, {"pairs": pairs, "passages": passages}, stages.split_stage).outputs
-        heldout, train_inputs = split["heldout"], {"train": split["train"]}
+            filtered = step("filter", recipe.filter, {"pairs": pairs, "eval_sets": json.dumps(real_queries)},
+                            stages.filter_stage)
+            pairs = str(Path(filtered["output"]) / "pairs.jsonl")
+        else:
+            pairs = str(Path(pairs))
+        if "heldout" in recipe.eval.sets:
+            split = step("split", recipe.split, {"pairs": pairs, "passages": passages}, stages.split_stage)
+            heldout, pairs = split["heldout"], split["output"]
+        train_inputs = {"train": pairs}
         if recipe.mine.enabled:
             mined = step("mine", recipe.mine, {**train_inputs, "passages": passages}, stages.mine_stage)
-            train_inputs = {"train": mined.outputs["train"]}
-    base = step("base", None, {}, stages.base_stage).outputs["model"]
-    trained = step("train", recipe.train, train_inputs, stages.train_stage).outputs
-    models = {"base": base, "trained": trained["model"]}
+            files = mined.get("files") or []
+            train_inputs = {"train": files[0] if len(files) == 1 else mined["output"]}
+    base = step("base", None, {}, stages.base_stage)["output"]
+    trained = step("train", recipe.train, train_inputs, stages.train_stage)
+    models = {"base": base, "trained": trained["output"]}
     if recipe.merge.enabled and recipe.task == "embedding":
-        merged = step("merge", recipe.merge, {"base": base, **trained}, stages.merge_stage).outputs["model"]
-        models["merged"] = merged
+        inputs = {"base": base, "model": trained["output"], "checkpoints": json.dumps(trained["checkpoints"])}
+        models["merged"] = step("merge", recipe.merge, inputs, stages.merge_stage)["output"]
     final = models.get("merged", models["trained"])
     results: list[str] = []
-    eval_sets = [d for d in recipe.eval.data if d != "heldout" or heldout]
-    if eval_sets:
-        inputs = {"models": json.dumps(models)} | ({"heldout": heldout} if heldout else {})
+    sets = eval_sets(recipe, corpus, heldout, workdir)
+    if sets:
+        inputs = {"models": json.dumps(models), "sets": json.dumps(sets)} | {f"set:{k}": v for k, v in sets.items()}
         evaluated = step("eval", recipe.eval, inputs, stages.eval_stage)
-        results = json.loads(evaluated.outputs["results"])
-        progress(Path(evaluated.outputs["report"]).read_text())
+        results = evaluated["results"]
+        progress("\n" + evaluated["markdown"])
     if recipe.export.enabled:
-        final_results = [r for r in results if Path(r).name.startswith("merged-" if "merged" in models else "trained-")]
+        final_label = "merged" if "merged" in models else "trained"
+        final_results = [r for r in results if Path(r).name.startswith(f"{final_label}-")]
         exported = step("export", recipe.export, {"model": final, "eval_results": json.dumps(final_results)},
                         stages.export_stage)
-        progress(f"exported model: {exported.outputs['model']}")
+        progress(f"exported model: {exported['output']}")
+    warnings = pipe.warnings()
+    if warnings:
+        progress("\nwarnings, in pipeline order:\n" + "\n".join(f"  - {w}" for w in warnings))
+    pipe.manifest["warnings"] = warnings
+    pipe._save()
     return pipe.manifest

@@ -21,6 +21,8 @@ def register(subparsers) -> None:
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a recipe key")
     p.add_argument("--workdir", default=None, help="where stage outputs go (default: the recipe's)")
     p.add_argument("--dry-run", action="store_true", help="validate the recipe and every stage's settings, run nothing")
+    p.add_argument("--strict", action="store_true", default=None,
+                   help="stop at a stage that produced nothing useful (0 kept rows, 0 negatives, a collapsed model)")
     p.set_defaults(func=run_pipeline)
 
     p = subparsers.add_parser(
@@ -35,6 +37,7 @@ def register(subparsers) -> None:
     p.add_argument("--generator", default=None, help="LLM that writes the queries (default: builtin:smollm2)")
     p.add_argument("--workdir", default="runs/demo")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument("--strict", action="store_true", default=None, help="stop at a stage that produced nothing useful")
     p.set_defaults(func=run_demo)
 
 
@@ -68,16 +71,17 @@ def run_pipeline(args: argparse.Namespace) -> int:
 
         return main(["train", args.recipe, *[f"--set={s}" for s in args.set]])
     recipe = load_recipe(args.recipe, args.set)
+    validate_recipe(recipe)
     if args.dry_run:
-        validate_recipe(recipe)
         print(f"{args.recipe}: valid recipe {recipe.name!r}")
         return 0
-    run_recipe(recipe, workdir=args.workdir, progress=lambda m: print(m, file=sys.stderr, flush=True))
+    run_recipe(recipe, workdir=args.workdir, strict=args.strict,
+               progress=lambda m: print(m, file=sys.stderr, flush=True))
     return 0
 
 
 def run_demo(args: argparse.Namespace) -> int:
-    from embedforge.pipeline import run_recipe
+    from embedforge.pipeline import run_recipe, validate_recipe
 
     overrides = list(args.set)
     if args.model:
@@ -85,11 +89,7 @@ def run_demo(args: argparse.Namespace) -> int:
     if args.generator:
         overrides.insert(0, f"synth.model={args.generator}")
     recipe = load_recipe(str(recipes_dir() / DEMO_RECIPE), overrides)
-    manifest = run_recipe(recipe, workdir=args.workdir, progress=lambda m: print(m, file=sys.stderr, flush=True))
-    stages = manifest["stages"]
-    print("\nnDCG@10 on held-out queries:")
-    for key, value in sorted(stages.get("eval", {}).get("metrics", {}).items()):
-        print(f"  {key}: {value:.4f}")
-    if "export" in stages:
-        print(f"exported model: {stages['export']['outputs']['model']}")
+    validate_recipe(recipe)
+    run_recipe(recipe, workdir=args.workdir, strict=args.strict,
+               progress=lambda m: print(m, file=sys.stderr, flush=True))
     return 0

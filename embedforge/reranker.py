@@ -69,7 +69,7 @@ class Reranker:
         """Load a causal LM (the official form, or any chat LLM as an untrained judge), a LoRA
         adapter folder, or a one-logit sequence-classification export."""
         source = modeling.check_model_source(name_or_path)
-        config = modeling.load_config(source)
+        config = modeling.read_model_config(source)
         archs = config.get("architectures") or []
         if any(a.endswith("ForSequenceClassification") for a in archs):
             model = _load_seq_cls(source, dtype=dtype, device=device, attn_implementation=attn_implementation,

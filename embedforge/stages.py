@@ -1,126 +1,127 @@
-"""The stages of `embedforge run`, each a thin call of the stage's own CLI command.
+"""The stages of `embedforge run`: each fills the wiring of its recipe section (input and output
+paths, the backbone) and calls the stage's own Python function with that one config.
 
-Going through the same commands a user types keeps the pipeline from drifting from the stages:
-every option, resume rule and error message is the stage's own. Each function takes the recipe,
-its input paths and its output folder, and returns the outputs and metrics for the manifest.
+A recipe section is the stage's config class, so every option, check and error message is the
+stage's own; these functions only connect outputs to inputs and return the stage's typed outcome.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import random
+import subprocess
+import sys
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
-import yaml
+from pydantic import BaseModel, Field
 
 from embedforge.errors import EmbedforgeError, InputError
 from embedforge.io import iter_jsonl, write_jsonl
-from embedforge.pipeline import StageResult
+from embedforge.outcome import StageOutcome
+from embedforge.provenance import read_provenance, write_provenance
 from embedforge.recipe import Recipe
 
-BUILTIN_MODELS = {"builtin:smollm2": "smollm2_folder", "builtin:minilm": "minilm_folder"}
+
+def section_config(section: BaseModel, config_cls: type[BaseModel], **wiring: Any) -> Any:
+    """The stage config inside a recipe section, without the pipeline's own switches, plus wiring."""
+    pipeline_only = set(type(section).model_fields) - set(config_cls.model_fields)
+    values = section.model_dump(exclude=pipeline_only, exclude_unset=True)
+    return config_cls.model_validate({**values, **wiring})
 
 
-def resolve_model(name: str) -> str:
-    """`builtin:smollm2` / `builtin:minilm` -> their offline folders; anything else unchanged."""
-    if name in BUILTIN_MODELS:
-        from embedforge import offline_models
-
-        return str(getattr(offline_models, BUILTIN_MODELS[name])())
-    return name
+# --- corpus -------------------------------------------------------------------------------------
 
 
-def run_command(argv: list[str]) -> None:
-    from embedforge.cli import main
-
-    code = main(argv)
-    if code != 0:
-        raise EmbedforgeError(f"`embedforge {' '.join(argv[:1])}` stopped with exit code {code}; rerun to resume")
-
-
-def write_settings(folder: Path, name: str, settings: dict[str, Any]) -> str:
-    path = folder / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(settings, sort_keys=True), encoding="utf-8")
-    return str(path)
+class CorpusOutcome(StageOutcome):
+    passages: int
+    generator_passages: int
+    real_queries: str | None = None
+    real_query_count: int = 0
 
 
-# --- corpus ---------------------------------------------------------------------------------
-
-
-def python_docs_corpus(path: Path) -> Path:
-    """The Python reference manual's topics (pydoc_data, shipped with every CPython) as JSONL."""
-    from pydoc_data.topics import topics
-
-    write_jsonl(path, ({"id": key, "text": text} for key, text in sorted(topics.items())))
-    return path
-
-
-def corpus_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageResult:
+def corpus_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> CorpusOutcome:
+    """Passages for search and mining (all of them), passages for the generator (`max_passages`
+    spread over the corpus), and the corpus's real queries as a BEIR folder when it has any."""
+    from embedforge.builtin_data import load_builtin_corpus
     from embedforge.data_synth.corpus import load_corpus
+    from embedforge.eval.beir import write_beir
 
     source = recipe.corpus.path
-    if source == "builtin:python-docs":
-        source = str(python_docs_corpus(out / "python-docs.jsonl"))
-    passages = load_corpus(source, chunk_tokens=recipe.corpus.chunk_tokens, overlap=recipe.corpus.overlap)
-    if recipe.corpus.max_passages:
-        passages = _spread(passages, recipe.corpus.max_passages)
-    path = out / "passages.jsonl"
-    write_jsonl(path, ({"id": p.id, "text": p.text} for p in passages))
-    return StageResult({"passages": str(path)}, {"passages": len(passages)})
+    real = None
+    if source.startswith("builtin:"):
+        corpus = load_builtin_corpus(source)
+        passages = list(corpus.passages.items())
+        description = corpus.description
+        if corpus.real_queries is not None:
+            real = write_beir(out / "real-queries", corpus.real_queries, overwrite=True)
+    else:
+        chunks = load_corpus(source, chunk_tokens=recipe.corpus.chunk_tokens, overlap=recipe.corpus.overlap)
+        passages = [(p.id, p.text) for p in chunks]
+        description = source
+    if not passages:
+        raise InputError("the corpus holds no passages", path=source)
+    write_jsonl(out / "passages.jsonl", ({"id": pid, "text": text} for pid, text in passages))
+    chosen = _spread(passages, recipe.corpus.max_passages) if recipe.corpus.max_passages else passages
+    write_jsonl(out / "generator-passages.jsonl", ({"id": pid, "text": text} for pid, text in chosen))
+    write_provenance(out, [], "corpus", source=source, description=description, passages=len(passages),
+                     generator_passages=len(chosen),
+                     real_queries=len(corpus.real_queries.queries) if real is not None else 0)
+    return CorpusOutcome(output=str(out / "passages.jsonl"), passages=len(passages),
+                         generator_passages=len(chosen), real_queries=str(real) if real else None,
+                         real_query_count=len(corpus.real_queries.queries) if real is not None else 0)
 
 
 def _spread(items: list, n: int) -> list:
-    """n items evenly spaced over the list: a small corpus still covers every document."""
+    """n items evenly spaced over the list: a small sample still covers every part of the corpus."""
     if n >= len(items):
         return items
     step = len(items) / n
     return [items[int(i * step)] for i in range(n)]
 
 
-# --- data: synth, filter, split, mine ---------------------------------------------------------
+# --- data: synth, filter, split, mine -------------------------------------------------------------
 
 
-def synth_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageResult:
-    s = recipe.synth
-    work = out / "work"
-    argv = ["synth", "--corpus", inputs["passages"], "--backend", s.backend,
-            "--model", resolve_model(s.model or recipe.model), "--output", str(work),
-            "--chunk-tokens", "1000000", "--overlap", "0", "--batch-size", str(s.batch_size),
-            "--config", write_settings(out, "synth", s.settings), "--progress"]
-    if s.persona_embedder:
-        argv += ["--persona-embedder", resolve_model(s.persona_embedder)]
-    if s.backend == "openai":
-        argv += ["--base-url", s.base_url or "http://127.0.0.1:8000/v1", "--concurrency", str(s.concurrency)]
-    run_command(argv)
-    manifests = [json.loads(p.read_text())["report"] for p in sorted(work.glob("manifest-*.json"))]
-    rows = sum(m.get("rows_written", 0) for m in manifests)
-    return StageResult({"pairs": str(work)}, {"rows": rows})
+def synth_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageOutcome:
+    from embedforge.data_synth import SynthConfig, synthesize
+
+    config = section_config(recipe.synth, SynthConfig, corpus=inputs["passages"], output=str(out / "work"),
+                            model=recipe.synth.model or recipe.model, chunk_tokens=None, overlap=0)
+    outcome = synthesize(config)
+    if outcome.pending:
+        raise EmbedforgeError(f"synth: {outcome.pending} passages pending after transport failures; rerun to resume")
+    return outcome
 
 
-def filter_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageResult:
-    f = recipe.filter
-    teacher = resolve_model(f.teacher or recipe.model)
-    work = out / "work"
-    run_command(["filter", "--input", inputs["pairs"], "--output", str(work), "--teacher", teacher,
-                 "--config", write_settings(out, "filter", f.settings), "--overwrite"])
-    report = json.loads((work / "filter_report.json").read_text())
-    return StageResult({"pairs": str(work / "pairs.jsonl")}, {k: v for k, v in report.items()
-                                                                if isinstance(v, (int, float, str))})
+def filter_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageOutcome:
+    from embedforge.data_synth import FilterConfig, filter_pairs
+
+    eval_sets = [s for s in json.loads(inputs.get("eval_sets", "[]"))]
+    config = section_config(recipe.filter, FilterConfig, input=[inputs["pairs"]], output=str(out / "work"),
+                            teacher=recipe.filter.teacher or recipe.model, overwrite=True,
+                            eval_sets=[*recipe.filter.eval_sets, *eval_sets])
+    return filter_pairs(config)
 
 
-def split_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageResult:
-    """Hold out every query of a random subset of passages: those passages' queries never reach
-    training, while the passages stay in the search corpus (as in a real deployment)."""
+class SplitOutcome(StageOutcome):
+    train_pairs: int
+    heldout: str
+    heldout_queries: int
+
+
+def split_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> SplitOutcome:
+    """Hold out every synthetic query of a random subset of passages as an extra, SYNTHETIC
+    evaluation set: those queries never reach training; their passages stay in the search corpus."""
     from embedforge.eval.beir import BeirData, write_beir
 
-    pairs_path = Path(inputs["pairs"])
-    files = sorted(pairs_path.glob("*.jsonl")) if pairs_path.is_dir() else [pairs_path]
-    rows = [row for f in files for _, row in iter_jsonl(f) if row.get("task", "retrieval") == "retrieval"]
+    rows = [row for _, row in iter_jsonl(inputs["pairs"]) if row.get("task", "retrieval") == "retrieval"]
     if not rows:
-        raise InputError("no retrieval pairs to split", path=str(pairs_path))
-    passages = {row["text"]: row["id"] for _, row in iter_jsonl(inputs["passages"])}
+        raise InputError("no retrieval pairs to split", path=inputs["pairs"])
+    corpus = {row["id"]: row["text"] for _, row in iter_jsonl(inputs["passages"])}
+    ids = {text: pid for pid, text in corpus.items()}
     by_positive: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_positive[row["positive"]].append(row)
@@ -129,138 +130,195 @@ def split_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageResul
     n_held = max(1, round(len(positives) * recipe.split.heldout_fraction))
     held, train = positives[:n_held], positives[n_held:]
     if not train:
-        raise InputError(f"only {len(positives)} passages have pairs: nothing left to train on", path=str(pairs_path))
-    corpus = {pid: text for text, pid in passages.items()}
-    for text in positives:  # a positive not in the corpus (e.g. a rewritten passage) joins it
-        if text not in passages:
-            passages[text] = f"extra-{len(corpus)}"
-            corpus[passages[text]] = text
+        raise InputError(f"only {len(positives)} passages have pairs: nothing left to train on", path=inputs["pairs"])
+    for text in held:
+        if text not in ids:  # a positive that is not a corpus passage joins the search corpus
+            ids[text] = f"extra-{len(corpus)}"
+            corpus[ids[text]] = text
     queries, qrels = {}, {}
     for text in held:
         for row in by_positive[text]:
             qid = f"q{len(queries)}"
-            queries[qid] = row["query"]
-            qrels[qid] = {passages[text]: 1}
-    write_beir(out / "heldout", BeirData(queries=queries, corpus=corpus, qrels=qrels), split="test",
-               overwrite=True)
+            queries[qid], qrels[qid] = row["query"], {ids[text]: 1}
+    heldout = write_beir(out / "heldout", BeirData(queries, corpus, qrels, source="synthetic held-out queries"),
+                         overwrite=True)
     train_rows = [row for text in train for row in by_positive[text]]
     write_jsonl(out / "train.jsonl", train_rows)
-    return StageResult({"train": str(out / "train.jsonl"), "heldout": str(out / "heldout")},
-                       {"train_pairs": len(train_rows), "heldout_queries": len(queries), "corpus": len(corpus)})
+    write_provenance(out, read_provenance(inputs["pairs"]), "split", heldout_passages=len(held),
+                     heldout_queries=len(queries), train_pairs=len(train_rows))
+    return SplitOutcome(output=str(out / "train.jsonl"), train_pairs=len(train_rows), heldout=str(heldout),
+                        heldout_queries=len(queries))
 
 
-def mine_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageResult:
-    m = recipe.mine
-    work = out / "work"
-    run_command(["mine", "--model", resolve_model(m.model or recipe.model), "--data", inputs["train"],
-                 "--corpus", inputs["passages"], "--output", str(work),
-                 "--config", write_settings(out, "mine", m.settings)])
-    files = sorted(work.glob("mined-*.jsonl"))
-    return StageResult({"train": str(files[0]) if len(files) == 1 else str(work)},
-                       {"rows": sum(1 for f in files for _ in iter_jsonl(f))})
+def mine_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageOutcome:
+    from embedforge.data_synth import MineConfig, mine
+
+    config = section_config(recipe.mine, MineConfig, data=[inputs["train"]], corpus=inputs["passages"],
+                            output=str(out / "work"), model=recipe.mine.model or recipe.model)
+    return mine(config)
 
 
-# --- models: base, train, merge, export -------------------------------------------------------
+# --- models: base, train, merge, export -----------------------------------------------------------
 
 
-def base_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageResult:
-    """The untrained backbone in the same layout the trainer writes, for merging and evaluation."""
+def base_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageOutcome:
+    """The untrained backbone in the layout the trainer writes, for merging and evaluation."""
     folder = out / "model"
     if recipe.task == "embedding":
         from embedforge.embedder import Embedder
 
-        Embedder.from_pretrained(resolve_model(recipe.model), dtype="float32").save_pretrained(
+        Embedder.from_pretrained(recipe.model, dtype="float32").save_pretrained(
             folder, default_instruction=recipe.instruction)
     else:
         from embedforge.reranker import Reranker
 
-        Reranker.from_pretrained(resolve_model(recipe.model), dtype="float32").save_pretrained(folder)
-    return StageResult({"model": str(folder)}, {})
+        Reranker.from_pretrained(recipe.model, dtype="float32").save_pretrained(folder)
+    write_provenance(folder, [], "base", model=recipe.model)
+    return StageOutcome(output=str(folder))
 
 
-def train_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageResult:
-    settings = dict(recipe.train.settings)
-    data = list(settings.pop("data", []))
+class TrainStageOutcome(StageOutcome):
+    steps: int = 0
+    checkpoints: list[str] = Field(default_factory=list)
+    final_metrics: dict[str, float] = Field(default_factory=dict)
+
+
+def train_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> TrainStageOutcome:
+    from embedforge.train.config import TrainConfig
+
+    section = recipe.train
+    data = [d.model_dump() for d in section.data]
     if "train" in inputs:
         data.append({"path": inputs["train"], "name": "synthetic", "instruction": recipe.instruction})
-    if not data:
-        raise InputError("train: no data (enable synth or list train.settings.data)")
-    settings.update(model=resolve_model(recipe.model), task=recipe.task, data=data, output_dir=str(out / "work"))
-    run_command(["train", write_settings(out, "train", settings)])
+    config = section_config(section, TrainConfig, model=recipe.model, task=recipe.task, data=data,
+                            output_dir=str(out / "work"))
+    if section.launch is not None and (section.launch.num_processes > 1 or section.launch.config_file):
+        result = _launch_training(config, section.launch, out)
+    else:
+        from embedforge.train.trainer import train
+
+        result = train(config)
+    if getattr(result, "interrupted", False):
+        raise EmbedforgeError(f"train: stopped at step {result.steps}; rerun to resume from its checkpoint")
     work = out / "work"
-    metrics_file = work / "metrics.jsonl"
-    last = {}
-    if metrics_file.exists():
-        lines = metrics_file.read_text().splitlines()
-        last = json.loads(lines[-1]) if lines else {}
-    # each complete checkpoint holds a loadable model (or, for LoRA, its adapter) in `model/`
     checkpoints = sorted((str(p / "model") for p in work.glob("checkpoint-*")
                           if (p / "COMPLETE").exists() and (p / "model").is_dir()),
                          key=lambda path: int(Path(path).parent.name.split("-")[-1]))
-    return StageResult({"model": str(work / "final"), "checkpoints": json.dumps(checkpoints)},
-                       {k: v for k, v in last.items() if isinstance(v, (int, float))})
+    final = work / "final"
+    trail = read_provenance(*(inputs.get("train"),))
+    write_provenance(final, trail, "train", config=config.model_dump(mode="json", exclude={"data"}),
+                     data=[{k: v for k, v in d.items() if k != "path"} for d in data],
+                     steps=result.steps, final_metrics=_numbers(result.last_metrics),
+                     warnings=list(getattr(result, "warnings", [])))
+    outcome = TrainStageOutcome(output=str(final), steps=result.steps, checkpoints=checkpoints,
+                                final_metrics=_numbers(result.last_metrics))
+    for warning in getattr(result, "warnings", []):
+        outcome.warn(warning)
+    return outcome
 
 
-def merge_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageResult:
-    m = recipe.merge
-    folder = out / "model"
-    if m.with_ == "base":
-        argv = ["merge", "--method", m.method, "--models", inputs["base"], inputs["model"], "--t", str(m.t)]
+def _numbers(metrics: dict[str, Any]) -> dict[str, float]:
+    return {k: float(v) for k, v in (metrics or {}).items() if isinstance(v, (int, float))}
+
+
+def _launch_training(config, launch, out: Path):
+    """The train stage under `accelerate launch`, exactly as a user would run it; output streamed."""
+    import yaml
+
+    from embedforge.train.trainer import TrainResult
+
+    recipe_file = out / "train.yaml"
+    recipe_file.write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+    argv = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(launch.num_processes)]
+    if launch.config_file:
+        argv += ["--config_file", str(accelerate_config(launch.config_file))]
+    elif launch.num_processes > 1:
+        argv += ["--multi_gpu"]
+    argv += [*launch.extra_args, "-m", "embedforge.train", str(recipe_file)]
+    completed = subprocess.run(argv, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if completed.returncode != 0:
+        raise EmbedforgeError(f"train: `accelerate launch` exited with {completed.returncode}; rerun to resume")
+    return TrainResult.from_output_dir(config.output_dir)
+
+
+def accelerate_config(name: str) -> Path:
+    """An accelerate config by path, or by its name under the shipped recipes (accelerate/ddp.yaml)."""
+    from embedforge.pipeline_cli import recipes_dir
+
+    for candidate in (Path(name), recipes_dir() / name):
+        if candidate.is_file():
+            return candidate
+    raise InputError("no such accelerate config (a path, or one of recipes/accelerate/*.yaml)", path=name)
+
+
+def merge_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageOutcome:
+    from embedforge.merge import MergeConfig, merge
+
+    section = recipe.merge
+    if section.with_ == "base":
+        wiring: dict[str, Any] = {"models": [inputs["base"], inputs["model"]]}
     else:
-        models = json.loads(inputs.get("checkpoints", "[]")) + [inputs["model"]]
-        argv = ["merge", "--method", "slerp" if m.method == "slerp" else "linear", "--models", *models]
-        if m.method == "slerp":
-            argv += ["--base", inputs["base"]]
-    run_command(argv + ["--output", str(folder), "--overwrite", "--report", str(out / "merge_report.json"),
-                        "--quiet"])
-    report = json.loads((out / "merge_report.json").read_text())
-    cos = report.get("cosines", {})
-    return StageResult({"model": str(folder)}, {"parallel_fraction": cos.get("parallel_fraction")})
+        wiring = {"models": [*json.loads(inputs.get("checkpoints", "[]")), inputs["model"]], "t": None,
+                  "base": inputs["base"] if section.method == "slerp" else None}
+    config = section_config(section, MergeConfig, output=str(out / "model"), overwrite=True,
+                            report=str(out / "merge_report.json"), show_progress=False, **wiring)
+    return merge(config)
 
 
-def export_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageResult:
-    e = recipe.export
-    folder = out / "model"
-    argv = ["export", "--model", inputs["model"], "--kind", "embedder" if recipe.task == "embedding" else "reranker",
-            "--output", str(folder), "--overwrite"]
+def export_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageOutcome:
+    from embedforge.export import ExportConfig, export
+
+    wiring: dict[str, Any] = {"model": inputs["model"], "output": str(out / "model"), "overwrite": True,
+                              "kind": "embedder" if recipe.task == "embedding" else "reranker",
+                              "eval_results": json.loads(inputs.get("eval_results", "[]")),
+                              "base_model": recipe.model}
     if recipe.task == "embedding":
-        argv += ["--default-instruction", e.default_instruction or recipe.instruction]
-        if e.matryoshka_dims:
-            argv += ["--matryoshka-dims", ",".join(map(str, e.matryoshka_dims))]
-    results = json.loads(inputs.get("eval_results", "[]"))
-    if results:
-        argv += ["--eval-results", *results]
-    if e.push_to_hub:
-        argv += ["--push-to-hub", e.push_to_hub] + (["--private"] if e.private else [])
-    run_command(argv)
-    return StageResult({"model": str(folder)}, {"pushed_to": e.push_to_hub})
+        wiring["default_instruction"] = recipe.export.default_instruction or recipe.instruction
+    return export(section_config(recipe.export, ExportConfig, **wiring))
 
 
-# --- eval -------------------------------------------------------------------------------------
+# --- eval -------------------------------------------------------------------------------------------
 
 
-def eval_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageResult:
-    """Every model (base, trained, merged) on every evaluation set, then one comparison table."""
-    models = json.loads(inputs["models"])
-    datasets = {("heldout" if d == "heldout" else Path(d).name): (inputs["heldout"] if d == "heldout" else d)
-                for d in recipe.eval.data}
-    results, metrics = [], {}
-    for label, model in models.items():
-        for data_label, data in datasets.items():
-            path = out / f"{label}-{data_label}.json"
-            argv = ["eval", "--data", data, "--output", str(path), "--label", f"{label} / {data_label}",
-                    "--batch-size", str(recipe.eval.batch_size)]
+class EvalStageOutcome(StageOutcome):
+    results: list[str]
+    report: str
+    markdown: str
+    scores: dict[str, float]
+
+
+def eval_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> EvalStageOutcome:
+    """Every model (base first) on every set, each with intervals and a paired test against the
+    base on the same queries, then one table in pipeline order."""
+    from embedforge.eval import EvalConfig, ReportConfig, evaluate
+    from embedforge.eval.report import report
+
+    models: dict[str, str] = json.loads(inputs["models"])
+    sets: dict[str, str] = json.loads(inputs["sets"])
+    results, scores, warnings = [], {}, []
+    for data_label, data in sets.items():
+        base_result = None
+        for label, model in models.items():
+            path = out / f"{label}-{_slug(data_label)}.json"
+            wiring: dict[str, Any] = {"data": data, "output": str(path), "label": f"{label} / {data_label}",
+                                      "baselines": [base_result] if base_result else []}
             if recipe.task == "embedding":
-                argv += ["--model", model, "--instruction", recipe.instruction]
+                wiring |= {"model": model, "instruction": recipe.instruction or ""}
             else:
-                if not recipe.eval.first_stage:
-                    raise InputError("eval.first_stage: a reranker recipe needs an embedder to rerank from")
-                argv += ["--model", resolve_model(recipe.eval.first_stage), "--reranker", model,
-                         "--top-k", str(recipe.eval.top_k), "--reranker-instruction", recipe.instruction]
-            if recipe.eval.dim:
-                argv += ["--dim", str(recipe.eval.dim)]
-            run_command(argv)
+                wiring |= {"model": recipe.eval.first_stage, "reranker": model,
+                           "reranker_instruction": recipe.instruction}
+            outcome = evaluate(section_config(recipe.eval, EvalConfig, **wiring))
+            base_result = base_result or str(path)
             results.append(str(path))
-            metrics[f"{label}/{data_label}/ndcg_at_10"] = json.loads(path.read_text())["metrics"]["ndcg_at_10"]
-    run_command(["report", *results, "--output", str(out / "report.md")])
-    return StageResult({"results": json.dumps(results), "report": str(out / "report.md")}, metrics)
+            scores[f"{label}/{data_label}/ndcg_at_10"] = outcome.ndcg_at_10
+            warnings += outcome.warnings
+    table = report(ReportConfig(results=results, output=str(out / "report.md")))
+    outcome = EvalStageOutcome(output=str(out), results=results, report=str(out / "report.md"),
+                               markdown=table.markdown, scores=scores)
+    for warning in warnings:
+        outcome.warn(warning)
+    return outcome
+
+
+def _slug(text: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_" else "-" for c in text).strip("-")
