@@ -275,3 +275,102 @@ def test_filter_command_end_to_end(tmp_path, minilm):
     assert (
         main(["filter", "--input", str(synth), "--output", str(out), "--threshold", "0.3"]) == 2
     )  # no teacher
+
+
+# --- calibration to the teacher, stage function, quality report -------------------------------------
+
+
+def test_calibrated_threshold_is_the_percentile_of_foreign_pairs():
+    from embedforge.data_synth.gates import calibrated_threshold
+
+    rng = np.random.default_rng(0)
+    q = rng.normal(size=(30, 8)).astype(np.float32)
+    q /= np.linalg.norm(q, axis=1, keepdims=True)
+    docs = rng.normal(size=(10, 8)).astype(np.float32)
+    docs /= np.linalg.norm(docs, axis=1, keepdims=True)
+    own = [i % 10 for i in range(30)]  # three queries per passage
+    positives = [f"passage {j}" for j in own]
+    scores = q @ docs.T
+    foreign = np.concatenate([np.delete(scores[i], own[i]) for i in range(30)])
+    got = calibrated_threshold(q, docs[own], positives, percentile=95.0)  # all 9 foreign per row fit
+    assert got == pytest.approx(float(np.percentile(foreign, 95.0)), abs=1e-6)
+    assert calibrated_threshold(q[:3], docs[[0, 0, 0]], ["same"] * 3) is None
+
+
+def test_only_instruction_aware_teachers_get_instructions(teacher, tiny_qwen3_embedder):
+    from embedforge.data_synth.gates import instruction_aware
+    from embedforge.embedder import Embedder
+
+    assert not instruction_aware(teacher)  # all-MiniLM-L6-v2: mean pooling, no query prompt
+    assert instruction_aware(Embedder.from_pretrained(tiny_qwen3_embedder))  # Qwen3 layout: last-token pooling
+
+
+def write_synth(folder, rows):
+    folder.mkdir()
+    (folder / "pairs-00000-of-00001.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return folder
+
+
+def test_filter_pairs_names_the_gate_that_emptied_it(tmp_path, minilm):
+    from embedforge.data_synth import FilterConfig, filter_pairs
+
+    rows = [{"query": q, "positive": PASSAGE, "task": "retrieval"} for q in
+            ("how do cells make energy", "best pizza in naples")]
+    synth = write_synth(tmp_path / "synth", rows)
+    outcome = filter_pairs(FilterConfig(input=[str(synth)], output=str(tmp_path / "f"), teacher=str(minilm),
+                                        cosine_threshold=0.99, roundtrip_k=None))
+    assert (outcome.rows_in, outcome.rows_kept, outcome.emptied_by) == (2, 0, "cosine")
+    assert outcome.warnings == ["filter kept 0 of 2 rows: the cosine gate (threshold 0.99) dropped the last ones"]
+    assert outcome.teacher_instructions is False  # MiniLM is not instruction-aware
+    trail = json.loads((tmp_path / "f" / "provenance.json").read_text())
+    assert trail[-1]["gates"][-1] == {"gate": "cosine", "rows_in": 2, "rows_out": 0, "threshold": 0.99}
+    with pytest.raises(Exception, match="`output` is not set"):
+        filter_pairs(FilterConfig(input=[str(synth)], teacher=str(minilm)))
+
+
+def test_auto_threshold_comes_from_the_teachers_scores(tmp_path, minilm, teacher):
+    from embedforge.data_synth import FilterConfig, filter_pairs
+    from embedforge.data_synth.gates import calibrated_threshold
+
+    docs = ["Mitochondria make ATP for the cell.", "Paris is the capital of France.",
+            "Volcanoes erupt when magma rises.", "The violin has four strings.", "Bread rises with yeast."]
+    queries = ["how do cells get energy", "capital city of france", "why do volcanoes erupt",
+               "how many strings does a violin have", "a quantum field theory of gravity"]
+    rows = [{"query": q, "positive": d, "task": "retrieval"} for q, d in zip(queries, docs)]
+    synth = write_synth(tmp_path / "synth", rows)
+    outcome = filter_pairs(FilterConfig(input=[str(synth)], output=str(tmp_path / "f"), teacher=str(minilm),
+                                        roundtrip_k=None, copy_max_ratio=None, near_dup_threshold=None))
+    q = teacher.encode(queries)
+    p = teacher.encode(docs)
+    expected = round(calibrated_threshold(q, p, docs, 95.0), 4)
+    assert outcome.cosine_threshold == pytest.approx(expected, abs=1e-3)
+    kept = [json.loads(x)["query"] for x in (tmp_path / "f" / "pairs.jsonl").read_text().splitlines()]
+    own = np.einsum("ij,ij->i", q, p)
+    assert kept == [qq for qq, s in zip(queries, own) if s >= outcome.cosine_threshold]
+    assert "a quantum field theory of gravity" not in kept and len(kept) >= 3
+
+
+def test_quality_summary_against_direct_counts(teacher):
+    from embedforge.data_synth.quality import quality_summary
+
+    docs = ["Mitochondria make ATP for the cell.", "Paris is the capital of France."]
+    rows = [
+        {"query": "how do cells get energy", "positive": docs[0], "passage_id": "a",
+         "provenance": {"sampled": {"question_type": "acquire_knowledge"}}},
+        {"query": "How do cells get energy", "positive": docs[0], "passage_id": "a",
+         "provenance": {"sampled": {"question_type": "keywords"}}},
+        {"query": "capital of france paris city", "positive": docs[1], "passage_id": "b",
+         "provenance": {"sampled": {"question_type": "keywords"}}},
+    ]
+    reports = [{"llm_calls": 10, "transport_failures": {"timeout": 2},
+                "invalid_outputs": {"malformed_json": 1, "schema_invalid": 1, "wrong_language": 3}}]
+    summary = quality_summary(rows, reports, teacher, k=1)
+    assert summary["schema_valid_rate"] == pytest.approx(1 - 2 / 8) and summary["replies"] == 8
+    assert summary["exact_duplicate_queries"] == 1 and summary["passages_with_rows"] == 2
+    assert summary["question_types"] == {"acquire_knowledge": 1, "keywords": 2}
+    assert summary["query_words"]["min"] == 5 and summary["query_words"]["max"] == 5
+    q, d = teacher.encode([r["query"] for r in rows]), teacher.encode(docs)
+    own = [0, 0, 1]
+    ranks = [int((q[i] @ d.T > q[i] @ d[own[i]]).sum()) for i in range(3)]
+    assert summary["on_topic_rate"] == pytest.approx(np.mean([r < 1 for r in ranks]))
+    assert summary["on_topic_random_baseline"] == 0.5
