@@ -21,11 +21,43 @@ def test_recipes_exist_for_every_family():
     assert {"qwen3-embedding", "qwen3-reranker", "domain-adaptation", "tiny"} <= families
 
 
+def user_paths(recipe: Path, tmp_path: Path) -> list[str]:
+    """`--set` overrides pointing a recipe's user data (data/...) at files that exist."""
+    import yaml
+
+    data = yaml.safe_load(recipe.read_text())
+    overrides = []
+    corpus = tmp_path / "corpus.jsonl"
+    corpus.write_text('{"id": "a", "text": "a passage"}\n')
+    if not str(data.get("corpus", {}).get("path", "builtin:")).startswith("builtin:"):
+        overrides.append(f"corpus.path={corpus}")
+    for i, _ in enumerate(data.get("train", {}).get("data", []) if "output_dir" not in data else []):
+        overrides.append(f"train.data.{i}.path={corpus}")
+    for i, name in enumerate(data.get("eval", {}).get("sets", [])):
+        if name not in ("corpus", "heldout") and not name.startswith("builtin:"):
+            (tmp_path / f"beir{i}").mkdir(exist_ok=True)
+            overrides.append(f"eval.sets.{i}={tmp_path / f'beir{i}'}")
+    return [f"--set={o}" for o in overrides]
+
+
 @pytest.mark.parametrize("recipe", RECIPES, ids=lambda p: f"{p.parent.name}/{p.name}")
-def test_every_recipe_validates(recipe, capsys):
-    assert main(["run", str(recipe), "--dry-run"]) == 0
+def test_every_recipe_validates(recipe, tmp_path, capsys):
+    assert main(["run", str(recipe), "--dry-run", *user_paths(recipe, tmp_path)]) == 0
     assert "valid" in capsys.readouterr().out
     assert recipe.read_text().startswith("# "), "each recipe's header says what it reproduces and its hardware"
+
+
+def test_dry_run_refuses_what_would_fail_later(tmp_path, capsys):
+    recipe = tmp_path / "r.yaml"
+    recipe.write_text("name: x\nmodel: builtin:minilm\ncorpus: {path: nowhere/corpus.jsonl}\neval: {sets: []}\n")
+    assert main(["run", str(recipe), "--dry-run"]) == 2
+    assert "corpus.path: nowhere/corpus.jsonl: no such file or folder" in capsys.readouterr().err
+    recipe.write_text("name: x\nmodel: builtin:minilm\nmerge: {t: 7}\n")
+    assert main(["run", str(recipe), "--dry-run"]) == 2
+    assert "merge.t" in capsys.readouterr().err
+    recipe.write_text("name: x\nmodel: builtin:nope\n")
+    assert main(["run", str(recipe), "--dry-run"]) == 2
+    assert "unknown 'builtin:nope'" in capsys.readouterr().err
 
 
 def test_unknown_and_mistyped_keys_are_named(tmp_path, capsys):
@@ -37,9 +69,9 @@ def test_unknown_and_mistyped_keys_are_named(tmp_path, capsys):
     with pytest.raises(ConfigError, match="merge.t"):
         load_config(Recipe, good, ["merge.t=[not, a, number]"])
     stage_typo = tmp_path / "stage.yaml"
-    stage_typo.write_text("name: x\nmodel: m\ntrain:\n  settings:\n    learning_rate: 0.1\n")
+    stage_typo.write_text("name: x\nmodel: m\ntrain:\n  learning_rate: 0.1\n")
     assert main(["run", str(stage_typo), "--dry-run"]) == 2
-    assert "train.settings: learning_rate: unknown key" in capsys.readouterr().err
+    assert "train.learning_rate: unknown key" in capsys.readouterr().err
 
 
 @pytest.fixture()
@@ -61,11 +93,11 @@ def tiny_recipe(tmp_path, tiny_qwen3_embedder):
     recipe.write_text(json.dumps({
         "name": "tiny", "model": str(tiny_qwen3_embedder),
         "synth": {"enabled": False}, "filter": {"enabled": False}, "mine": {"enabled": False},
-        "train": {"settings": {"data": [{"path": str(train), "num_negatives": 0}], "method": "full",
-                               "batch_size": 4, "max_steps": 2, "lr": 1e-3, "save_steps": 0, "max_length": 64,
-                               "progress_bar": False}},
+        "train": {"data": [{"path": str(train), "num_negatives": 0}], "method": "full",
+                  "batch_size": 4, "max_steps": 2, "lr": 1e-3, "save_steps": 0, "max_length": 64,
+                  "progress_bar": False},
         "merge": {"with": "base", "t": 0.5},
-        "eval": {"data": [str(beir)]},
+        "eval": {"sets": [str(beir)]},
     }))
     return recipe
 
@@ -93,9 +125,9 @@ def test_a_stopped_run_resumes_at_the_stage_it_was_in(tiny_recipe, tmp_path, mon
         assert f"[{stage}] running" in log
     manifest = json.loads((workdir / "manifest.json").read_text())
     assert all(s["status"] == "complete" for s in manifest["stages"].values())
-    metrics = manifest["stages"]["eval"]["metrics"]
+    metrics = manifest["stages"]["eval"]["outcome"]["scores"]
     assert {"base/beir/ndcg_at_10", "trained/beir/ndcg_at_10", "merged/beir/ndcg_at_10"} <= set(metrics)
-    export = Path(manifest["stages"]["export"]["outputs"]["model"])
+    export = Path(manifest["stages"]["export"]["outcome"]["output"])
     assert (export / "modules.json").exists() and (export / "README.md").exists()
 
     # a changed setting invalidates that stage and everything after it, not what came before
