@@ -260,3 +260,33 @@ def test_mine_command(tmp_path, minilm):
         )
         == 2
     )
+
+
+def test_mine_function_warns_when_the_margin_leaves_no_negatives(tmp_path, minilm, capsys):
+    from embedforge.cli import main
+    from embedforge.data_synth import MineConfig as Exported
+    from embedforge.data_synth import mine
+
+    assert Exported is MineConfig
+    passages = make_corpus(60)
+    (tmp_path / "corpus.jsonl").write_text(
+        "".join(json.dumps({"id": p.doc_id, "text": p.text}) + "\n" for p in passages)
+    )
+    (tmp_path / "pairs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in make_rows(passages, 4)))
+    common = {"model": str(minilm), "data": [str(tmp_path / "pairs.jsonl")], "corpus": str(tmp_path / "corpus.jsonl"),
+              "num_negatives": 3, "rank_start": 0, "rank_end": 20, "use_instructions": False}
+    outcome = mine(MineConfig(output=str(tmp_path / "none"), margin=5.0, **common))  # nothing scores pos - 5
+    assert outcome.rows == 4 and outcome.negatives == 0
+    assert outcome.dropped_false_negative_margin == outcome.candidates - outcome.dropped_positive_or_duplicate
+    assert len(outcome.warnings) == 1 and outcome.warnings[0].startswith("mine produced 0 negatives for 4 rows")
+    assert "the margin (5) dropped" in outcome.warnings[0]
+    trail = json.loads((tmp_path / "none" / "provenance.json").read_text())
+    assert trail[-1]["stage"] == "mine" and trail[-1]["settings"]["margin"] == 5.0
+    fine = mine(MineConfig(output=str(tmp_path / "ok"), margin=-10.0, **common))
+    assert fine.negatives == 12 and fine.warnings == [] and fine.files == [str(tmp_path / "ok" / "mined-00000-of-00001.jsonl")]
+    code = main(["mine", "--model", str(minilm), "--data", str(tmp_path / "pairs.jsonl"), "--corpus",
+                 str(tmp_path / "corpus.jsonl"), "--output", str(tmp_path / "cli"), "--margin", "5",
+                 "--range", "0:20", "--no-instructions"])
+    assert code == 0 and "warning: mine produced 0 negatives" in capsys.readouterr().err
+    with pytest.raises(Exception, match="`corpus` is not set"):
+        mine(MineConfig(model=str(minilm), output=str(tmp_path / "x"), data=[str(tmp_path / "pairs.jsonl")]))
