@@ -47,7 +47,11 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"embedforge train: stopped at step {result.steps}/{result.total_steps} with a checkpoint in "
               f"{result.output_dir}; run the same command again to resume", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
+    for line in result.decisions:
+        print(f"embedforge train: chose {line}", file=sys.stderr)
     print(f"embedforge train: {result.steps} steps; model in {result.final_dir}", file=sys.stderr)
+    for message in result.warnings:
+        print(f"embedforge train: WARNING: {message}", file=sys.stderr)
     return 0
 
 

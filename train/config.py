@@ -46,18 +46,41 @@ class DatasetSettings(StrictModel):
     weight: float = Field(1.0, gt=0)
 
 
-class LossSettings(StrictModel):
-    """Embedding: Qwen3 improved InfoNCE (+ Matryoshka). Reranker: point-wise or list-wise yes/no."""
+LOSS_PRESETS: dict[str, dict] = {
+    # In-batch InfoNCE (sentence-transformers' MNRL objective): each query against its positive, its
+    # hard negatives and every other row's documents. The default: measured best on real held-out
+    # pairs for an encoder and a decoder (bench/results/train_defaults_sweep.md).
+    "infonce": {"terms": ["hard", "qd"], "margin": None, "temperature": 0.05},
+    # The Qwen3-Embedding report's Eq. 1: all four terms, false-negative margin 0.1, ms-swift's tau 0.1.
+    "qwen3": {"terms": list(LOSS_TERMS), "margin": 0.1, "temperature": 0.1},
+}
 
-    temperature: float = Field(0.1, gt=0)
-    terms: list[Literal["hard", "qq", "dd", "qd"]] = Field(default_factory=lambda: list(LOSS_TERMS))
-    margin: float | None = 0.1
+
+class LossSettings(StrictModel):
+    """Embedding: Qwen3 improved InfoNCE (+ Matryoshka). Reranker: point-wise or list-wise yes/no.
+
+    `preset` fills `terms`, `margin` and `temperature` where the recipe does not set them:
+    `infonce` (default) or `qwen3` (report Eq. 1); an explicit key always wins, so
+    `{preset: qwen3, temperature: 0.05}` is Eq. 1 at tau 0.05."""
+
+    preset: Literal["infonce", "qwen3"] = Field(
+        "infonce", description="infonce: terms [hard, qd], no margin, tau 0.05; qwen3: Eq. 1, margin 0.1, tau 0.1")
+    temperature: float = Field(0.05, gt=0)
+    terms: list[Literal["hard", "qq", "dd", "qd"]] = Field(default_factory=lambda: ["hard", "qd"])
+    margin: float | None = None
     mask_duplicates: bool = True
     exempt_hard_negatives_from_margin: bool = False
     matryoshka_dims: list[int] | None = None
     matryoshka_weights: list[float] | None = None
     reranker: Literal["pointwise", "listwise"] = "pointwise"
     listwise_temperature: float = Field(1.0, gt=0)
+
+    @model_validator(mode="after")
+    def _apply_preset(self) -> LossSettings:
+        for key, value in LOSS_PRESETS[self.preset].items():
+            if key not in self.model_fields_set:
+                self.__dict__[key] = list(value) if isinstance(value, list) else value  # no re-validation loop
+        return self
 
     @model_validator(mode="after")
     def _matryoshka_pairs(self) -> LossSettings:
@@ -89,21 +112,31 @@ class TrainConfig(StrictModel):
     task: Literal["embedding", "reranker"] = "embedding"
     data: list[DatasetSettings] = Field(min_length=1)
     output_dir: str
-    method: Literal["lora", "full"] = "lora"
+    method: Literal["auto", "lora", "full"] = Field(
+        "auto", description="auto: full fine-tuning up to full_max_parameters backbone parameters, LoRA above "
+        "(full learned more per step than LoRA r16 for MiniLM and SmolLM2, bench/results/train_defaults_sweep.md; "
+        "AdamW's state makes full fine-tuning cost ~16 bytes a parameter)")
+    full_max_parameters: int = Field(1_000_000_000, gt=0, description="largest backbone that method auto fine-tunes "
+                                     "fully")
     lora: LoraSettings = Field(default_factory=LoraSettings)
     loss: LossSettings = Field(default_factory=LossSettings)
 
-    batch_size: int = Field(32, gt=0)
+    batch_size: int = Field(32, gt=0, description="global rows per step; capped to the smallest dataset, so a small "
+                            "one still trains (the cap is logged)")
     mini_batch_size: int | None = Field(None, gt=0)
     max_length: int = Field(512, gt=0)
     mixing_temperature: float = Field(1.0, gt=0)
 
-    lr: float = Field(1e-4, gt=0)
+    lr: float | None = Field(None, gt=0, description="peak learning rate; null: by method (full 5e-5, lora 2e-4, "
+                             "the best of the sweep in bench/results/train_defaults_sweep.md)")
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
-    warmup_steps: int = Field(0, ge=0)
-    max_steps: int | None = Field(None, gt=0)
+    warmup_steps: int | None = Field(None, ge=0, description="null: 10% of the planned steps")
+    max_steps: int | None = Field(None, gt=0, description="planned steps; null: epochs over the data, at least "
+                                  "min_steps")
     epochs: float = Field(1.0, gt=0)
+    min_steps: int = Field(50, ge=1, description="without max_steps, train at least this many steps (more epochs "
+                           "over small data): one epoch of 40 rows is 1 step, which learns nothing")
     max_grad_norm: float | None = Field(1.0, gt=0)
 
     dtype: Literal["float32", "bfloat16", "auto"] = "float32"

@@ -194,8 +194,11 @@ def qwen3_infonce(
     Returns:
         LossOutput: loss (mean over anchors) and stats, all means per anchor: `pos_sim`, `candidates`
         (valid candidates in Z_i besides the positive, before masking), `effective_negatives` (kept
-        after masking), `masked_margin`, `masked_duplicate`, `hard_neg_masked_margin`, and
-        `accuracy` (the positive outscores every kept candidate).
+        after masking), `masked_margin`, `masked_duplicate`, `hard_neg_masked_margin`, `accuracy`
+        (the positive outscores every kept candidate), `neg_sim` (mean cosine of the kept candidates)
+        and `chance_loss` (ln(1 + kept candidates), the loss when every similarity is equal). `pos_sim`
+        near `neg_sim` with `loss` near `chance_loss` is the signature of collapsed embeddings, which
+        the trainer's collapse guard (train/health.py) watches for.
     """
     cfg = cfg or Qwen3InfoNCEConfig()
     n, k = batch.size, batch.num_negatives
@@ -260,6 +263,7 @@ def qwen3_infonce(
     n_anchor = stop - start
     zeros = torch.zeros(n_anchor, device=device)
     candidates, kept_total, by_margin, by_dup, hard_by_margin = zeros, zeros, zeros, zeros, zeros
+    kept_sim = zeros
     for name, sims, valid, dup, margin_applies in terms:
         with torch.no_grad():
             dup = dup & valid if dup is not None else torch.zeros_like(valid)
@@ -267,6 +271,7 @@ def qwen3_infonce(
             keep = valid & ~dup & ~over_margin
             candidates = candidates + valid.sum(1)
             kept_total = kept_total + keep.sum(1)
+            kept_sim = kept_sim + sims.detach().masked_fill(~keep, 0.0).sum(1)
             by_dup = by_dup + dup.sum(1)
             by_margin = by_margin + over_margin.sum(1)
             if name == "hard":
@@ -287,6 +292,8 @@ def qwen3_infonce(
             "masked_duplicate": by_dup.sum() / denom,
             "hard_neg_masked_margin": hard_by_margin.sum() / denom,
             "accuracy": (all_logits[:, 0] > best_other).float().sum() / denom,
+            "neg_sim": (kept_sim / kept_total.clamp(min=1)).sum() / denom,
+            "chance_loss": torch.log1p(kept_total).sum() / denom,
         }
     return LossOutput(loss, {key: value.detach() for key, value in stats.items()})
 

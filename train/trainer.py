@@ -22,26 +22,30 @@ import copy
 import functools
 import json
 import logging
-import math
 import os
 import signal
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
 import torch
+from pydantic import Field
 
 from embedforge.errors import ConfigError, EmbedforgeError
 from embedforge.io import atomic_dir, write_json
+from embedforge.outcome import StageOutcome
 from embedforge.train import checkpoint as ckpt
 from embedforge.train.config import TrainConfig
 from embedforge.train.data import Batch, MixingSampler, contrastive_texts, load_sources, reranker_groups
+from embedforge.train.defaults import LR_BY_METHOD
+from embedforge.train.health import CollapseGuard
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
+RESULT_FILE = "train_result.json"
 # Settings that fix the data order and the parameter shapes: a checkpoint only resumes a run that agrees.
 RESUME_KEYS = ("model", "task", "method", "lora", "batch_size", "seed", "data", "mixing_temperature")
 
@@ -50,8 +54,12 @@ class NonFiniteLossError(EmbedforgeError):
     """The loss became NaN or infinite; raised before the optimizer step, so the weights are intact."""
 
 
-@dataclass
-class TrainResult:
+class TrainResult(StageOutcome):
+    """What a run did: `output` is the final model folder (the output folder while none is written);
+    `decisions` are the settings chosen for the recipe and why; `warnings` say when the run produced
+    nothing useful (collapsed embeddings, loss at chance, no step). Also written to
+    OUTPUT_DIR/train_result.json."""
+
     output_dir: str
     steps: int
     total_steps: int
@@ -59,7 +67,8 @@ class TrainResult:
     interrupted: bool = False
     best_metric: float | None = None
     best_dir: str | None = None
-    last_metrics: dict[str, float] = field(default_factory=dict)
+    last_metrics: dict[str, float | int | str] = Field(default_factory=dict)
+    decisions: list[str] = Field(default_factory=list)
 
 
 def train(config: TrainConfig, *, evaluator: Callable[[Any], dict[str, float]] | None = None,
@@ -135,6 +144,37 @@ class Trainer:
 
         return Reranker.from_pretrained(cfg.model, max_length=cfg.max_length, **kwargs)
 
+    def _resolve_defaults(self, world: int) -> None:
+        """Fill what the recipe left open (method, lr, batch cap, steps, warmup) and log why."""
+        from embedforge.train.defaults import resolve
+
+        parameters = sum(p.numel() for p in self.holder.model.parameters())
+        sizes = {source.name: len(source) for source in self.sources}
+
+        def batches_per_epoch(batch_size: int) -> int:
+            return MixingSampler(self.sources, batch_size, self.cfg.mixing_temperature, self.cfg.seed).batches_per_epoch
+
+        self.cfg, self.total_steps, self.decisions = resolve(
+            self.cfg, parameters=parameters, source_sizes=sizes, world=world, batches_per_epoch=batches_per_epoch)
+        for line in self.decisions:
+            logger.info("schedule: %s", line)
+        self.guard = CollapseGuard(causes=self._likely_causes())
+
+    def _likely_causes(self) -> list[str]:
+        """What most often makes this configuration collapse, for the collapse guard's warning."""
+        cfg, causes = self.cfg, []
+        spec = getattr(self.holder, "spec", None)
+        if cfg.task == "embedding" and spec is not None and spec.pooling == "lasttoken" and spec.append_eos:
+            causes.append(f"pooling at the appended {spec.eos_token!r}: in a language model that was not trained "
+                          "as an embedder it is a document separator whose state ignores the text (pool the last "
+                          "real token: embedforge.json append_eos false)")
+        if cfg.lr is not None and cfg.lr > 2 * LR_BY_METHOD[cfg.method]:
+            causes.append(f"lr {cfg.lr:g} is high for {cfg.method} fine-tuning (default {LR_BY_METHOD[cfg.method]:g})")
+        if cfg.task == "embedding" and cfg.loss.margin is not None:
+            causes.append(f"the false-negative margin {cfg.loss.margin} masks most candidates when the base model "
+                          "scores every pair alike (metric masked_margin); try loss.preset infonce")
+        return causes
+
     def _make_trainable(self, module: torch.nn.Module) -> torch.nn.Module:
         cfg = self.cfg
         if cfg.gradient_checkpointing:
@@ -191,24 +231,24 @@ class Trainer:
         from accelerate.utils import DistributedType, set_seed
         from transformers import get_scheduler
 
-        cfg = self.cfg
         self.accelerator = acc = self._build_accelerator()
         world = acc.num_processes
-        if cfg.batch_size % world:
-            raise ConfigError(f"batch_size {cfg.batch_size} must be divisible by the number of processes ({world})")
-        if cfg.task == "embedding" and cfg.batch_size < 2 and not any(d.num_negatives for d in cfg.data):
-            raise ConfigError("batch_size 1 without hard negatives leaves the loss no negative to learn from")
-        self.local_batch = cfg.batch_size // world
+        if self.cfg.batch_size % world:
+            raise ConfigError(f"batch_size {self.cfg.batch_size} must be divisible by the number of processes "
+                              f"({world})")
         self.rank = acc.process_index
         self.sharded = acc.distributed_type == DistributedType.FSDP or (
             acc.distributed_type == DistributedType.DEEPSPEED and acc.state.deepspeed_plugin.zero_stage == 3)
+        self.sources, self.reports = load_sources(self.cfg.data, self.inline_data)
 
-        self.sources, self.reports = load_sources(cfg.data, self.inline_data)
-        self.sampler = MixingSampler(self.sources, cfg.batch_size, cfg.mixing_temperature, cfg.seed)
-        self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.sampler.batches_per_epoch))
-
-        set_seed(cfg.seed)  # the same LoRA initialisation on every process and every attempt
+        set_seed(self.cfg.seed)  # the same LoRA initialisation on every process and every attempt
         self.holder = self._load_holder(acc.device)
+        self._resolve_defaults(world)
+        cfg = self.cfg
+        if cfg.task == "embedding" and cfg.batch_size < 2 and not any(d.num_negatives for d in cfg.data):
+            raise ConfigError("batch_size 1 without hard negatives leaves the loss no negative to learn from")
+        self.local_batch = cfg.batch_size // world
+        self.sampler = MixingSampler(self.sources, cfg.batch_size, cfg.mixing_temperature, cfg.seed)
         self.tokenizer = self.holder.tokenizer
         self.weights_path = getattr(self.holder.model.config, "_name_or_path", "") or cfg.model
         if cfg.task == "embedding":
@@ -431,7 +471,8 @@ class Trainer:
         from tqdm.auto import tqdm
 
         cfg, acc = self.cfg, self.accelerator
-        result = TrainResult(str(self.output_dir), step, self.total_steps)
+        result = TrainResult(output=str(self.output_dir), output_dir=str(self.output_dir), steps=step,
+                             total_steps=self.total_steps, decisions=list(self.decisions))
         bar = tqdm(total=self.total_steps, initial=step, desc="train", unit="step",
                    disable=not (cfg.progress_bar and acc.is_local_main_process))
         params = [p for p in self.model.parameters() if p.requires_grad]
@@ -460,6 +501,8 @@ class Trainer:
                                    time.perf_counter() - started)
                 bar.set_postfix(loss=f"{record['loss']:.4f}")
                 result.last_metrics = record
+                for message in self.guard.update(step, record):
+                    result.warn(message)
             evaluate_now = cfg.eval.steps and step % cfg.eval.steps == 0 and step < self.total_steps
             if evaluate_now and self.evaluator is not None:
                 self._evaluate(step, result)
@@ -467,7 +510,7 @@ class Trainer:
                 self._save(step, self.sampler.state_dict())
                 result.steps, result.interrupted = step, True
                 bar.close()
-                return result
+                return self._finish(result)
             if cfg.save_steps and step % cfg.save_steps == 0:
                 self._save(step, self.sampler.state_dict())
                 last_saved = step
@@ -477,10 +520,18 @@ class Trainer:
         if self.evaluator is not None:
             self._evaluate(step, result)
         result.steps = step
-        result.final_dir = str(self.export(self.output_dir / "final"))
+        result.final_dir = result.output = str(self.export(self.output_dir / "final"))
         result.best_metric = self.best_metric
         if (self.output_dir / "best").exists():
             result.best_dir = str(self.output_dir / "best")
+        for message in self.guard.finish(step):
+            result.warn(message)
+        return self._finish(result)
+
+    def _finish(self, result: TrainResult) -> TrainResult:
+        """Write the run's summary beside its metrics (main process)."""
+        if self.accelerator.is_main_process:
+            write_json(self.output_dir / RESULT_FILE, result.model_dump(mode="json"))
         return result
 
     def _log(self, step, batch, loss, stats, tokens, grad_norm, step_s, elapsed_s) -> dict[str, Any]:
