@@ -49,7 +49,7 @@ def _qwen_pattern() -> str:
 
 
 def tokenizer_pre(folder: Path) -> str:
-    """llama.cpp's name for the pre-tokenizer in `tokenizer.json` (qwen2 or smollm), else ConfigError.
+    """llama.cpp's name for the pre-tokenizer in `tokenizer.json` (qwen2, smollm or gpt2), else ConfigError.
 
     llama.cpp's converter identifies it by hashing the tokenization of a test text; here the
     structure itself is matched, for the two families this export supports.
@@ -61,7 +61,9 @@ def tokenizer_pre(folder: Path) -> str:
         return "qwen2"
     if kinds == ["Digits", "ByteLevel"] and parts[0].get("individual_digits") and parts[1].get("use_regex", True):
         return "smollm"
-    raise ConfigError(f"{folder}: GGUF export knows the Qwen2/Qwen3 and SmolLM pre-tokenizers, not {kinds}; "
+    if kinds == ["ByteLevel"] and parts[0].get("use_regex", True) and not parts[0].get("add_prefix_space"):
+        return "gpt2"  # GPT-2's own split pattern, which ByteLevel applies when use_regex is on
+    raise ConfigError(f"{folder}: GGUF export knows the Qwen2/Qwen3, SmolLM and GPT-2 pre-tokenizers, not {kinds}; "
                       "convert this model with llama.cpp's convert_hf_to_gguf.py")
 
 
@@ -259,7 +261,7 @@ def read_gguf(path: Path) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:
         row_bytes = dims[0] // block * type_size
         raw = data[start + offset:start + offset + rows * row_bytes].reshape(rows, row_bytes)
         values = gguf.quants.dequantize(np.ascontiguousarray(raw), qtype)
-        tensors[name] = torch.from_numpy(np.asarray(values, dtype=np.float32).reshape(tuple(reversed(dims))))
+        tensors[name] = torch.from_numpy(np.array(values, dtype=np.float32).reshape(tuple(reversed(dims))))
     arch = meta["general.architecture"]
     flat = {key[len(arch) + 1:]: value for key, value in meta.items() if key.startswith(arch + ".")}
     return {**meta, **flat, "architecture": arch}, tensors
