@@ -141,3 +141,20 @@ def test_a_dataset_smaller_than_the_batch_trains_with_the_batch_capped(tiny_qwen
     assert any("capped from 4 to the 3 rows" in line for line in result.decisions)
     recorded = json.loads((tmp_path / "a" / "train_config.json").read_text())
     assert (recorded["batch_size"], recorded["max_steps"], recorded["warmup_steps"]) == (3, 4, 1)
+
+
+def test_a_language_model_is_pooled_at_its_last_real_token_and_an_embedder_as_it_declares(
+        tiny_qwen3_embedder_noeos, tmp_path):
+    from embedforge import Embedder
+
+    data = write_toy(tmp_path / "train.jsonl", 8)
+    lm = train(config(tiny_qwen3_embedder_noeos, data, tmp_path / "lm", max_steps=1))
+    assert "pooling at the last real token (a language model that is not an embedder yet" in " ".join(lm.decisions)
+    saved = json.loads((tmp_path / "lm" / "final" / "embedforge.json").read_text())
+    assert saved["append_eos"] is False
+    forced = train(config(tiny_qwen3_embedder_noeos, data, tmp_path / "eos", max_steps=1, append_eos=True))
+    assert "pooling at the appended '<|endoftext|>' (append_eos)" in forced.decisions
+    # A folder saved as an embedder (sentence-transformers layout, EOS pooling) keeps its convention.
+    embedder_folder = Embedder.from_pretrained(tiny_qwen3_embedder_noeos).save_pretrained(tmp_path / "embedder")
+    kept = train(config(embedder_folder, data, tmp_path / "kept", max_steps=1))
+    assert "pooling at the appended '<|endoftext|>' (as the embedder folder declares)" in kept.decisions

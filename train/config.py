@@ -139,6 +139,11 @@ class TrainConfig(StrictModel):
                            "over small data): one epoch of 40 rows is 1 step, which learns nothing")
     max_grad_norm: float | None = Field(1.0, gt=0)
 
+    append_eos: bool | None = Field(
+        None, description="decoders with last-token pooling: pool at an appended EOS (true) or at the last real token "
+        "(false). null: what an embedder folder declares (Qwen3-Embedding: EOS); for a language model that is not an "
+        "embedder yet, false: its EOS is a document separator whose state ignores the text, and training from it "
+        "collapses (bench/results/train_decoder_ablation.md)")
     dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"

@@ -156,9 +156,33 @@ class Trainer:
 
         self.cfg, self.total_steps, self.decisions = resolve(
             self.cfg, parameters=parameters, source_sizes=sizes, world=world, batches_per_epoch=batches_per_epoch)
+        pooling = self._resolve_pooling()
+        if pooling:
+            self.decisions.append(pooling)
         for line in self.decisions:
             logger.info("schedule: %s", line)
         self.guard = CollapseGuard(causes=self._likely_causes())
+
+    def _resolve_pooling(self) -> str | None:
+        """Where a decoder embedding is read: the appended EOS or the last real token (see
+        TrainConfig.append_eos). Set on the holder's spec, so training, checkpoints and the exported
+        embedforge.json agree."""
+        from embedforge import modeling
+
+        spec = getattr(self.holder, "spec", None)
+        if self.cfg.task != "embedding" or spec is None or spec.pooling != "lasttoken":
+            return None
+        wanted, why = self.cfg.append_eos, "append_eos"
+        if wanted is None:
+            source = str(self.cfg.model)
+            if any(modeling.read_json_if_exists(source, name) for name in ("modules.json", "embedforge.json")):
+                wanted, why = spec.append_eos, "as the embedder folder declares"
+            else:
+                wanted, why = False, "a language model that is not an embedder yet: its EOS state ignores the text"
+        spec.append_eos = wanted
+        where = f"the appended {spec.eos_token!r}" if wanted else "the last real token"
+        self.cfg = self.cfg.model_copy(update={"append_eos": wanted})
+        return f"pooling at {where} ({why})"
 
     def _likely_causes(self) -> list[str]:
         """What most often makes this configuration collapse, for the collapse guard's warning."""
