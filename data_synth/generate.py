@@ -128,7 +128,9 @@ class SynthConfig(StrictModel):
         default_factory=lambda: ["de", "es", "fr", "zh"],
         description="target languages of bitext translations",
     )
-    lengths: dict[str, list[int]] = Field(default_factory=lambda: dict(DEFAULT_LENGTHS))
+    lengths: dict[str, list[int]] = Field(
+        default_factory=lambda: dict(DEFAULT_LENGTHS), description="words per task; unlisted tasks keep theirs"
+    )
     seed: int = 0
     personas: str | None = Field(default=None, description='persona JSONL ({"persona": ...}); default: built-in')
     persona_embedder: str | None = Field(
@@ -151,6 +153,11 @@ class SynthConfig(StrictModel):
     )
     fsync: bool = True
     progress: bool = False
+
+    @field_validator("lengths", mode="before")
+    @classmethod
+    def _default_lengths(cls, value):
+        return {**DEFAULT_LENGTHS, **value} if isinstance(value, dict) else value
 
     @field_validator("languages", "bitext_languages")
     @classmethod

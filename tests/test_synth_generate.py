@@ -434,3 +434,20 @@ def test_synthesize_warns_when_nothing_came_out_and_names_missing_paths(tmp_path
         synthesize(SynthConfig(output=str(tmp_path / "o")), backend=SmallScripted(one_call_script))
     with pytest.raises(ConfigError, match="`model` is not set"):
         synthesize(SynthConfig(corpus=str(corpus), output=str(tmp_path / "o")))
+
+
+def test_synth_flags_and_their_short_aliases_fill_the_config(tmp_path):
+    import argparse
+
+    from embedforge.config import config_from_args
+    from embedforge.data_synth.cli import register
+
+    parser = argparse.ArgumentParser()
+    register(parser.add_subparsers())
+    args = parser.parse_args(["synth", "--corpus", "c.jsonl", "--output", "out", "--model", "m", "--task", "sts",
+                              "bitext", "--prompts", str(tmp_path), "--chunk-tokens", "none", "--strategy",
+                              "persona", "--no-constrained-decoding", "--set", "lengths.sts=[5]"])
+    config = config_from_args(SynthConfig, args)
+    assert (config.corpus, config.output, config.model, config.tasks) == ("c.jsonl", "out", "m", ["sts", "bitext"])
+    assert config.prompts_dir == str(tmp_path) and config.chunk_tokens is None and config.strategy == "persona"
+    assert config.constrained_decoding is False and config.lengths["sts"] == [5]
