@@ -137,12 +137,21 @@ def eval_results(trail: list[dict[str, Any]], files: list[dict[str, Any]]) -> li
         results += items if isinstance(items, list) else [{k: v for k, v in record.items() if k != "stage"}]
     results += files
     seen, unique = set(), []
-    for result in results:
-        key = json.dumps({k: v for k, v in result.items() if k != "_path"}, sort_keys=True, default=str)
+    for result in results:  # an eval's record and its results file describe the same run once
+        key = json.dumps([result.get("label") or result.get("model"), dataset_name(result), result.get("split"),
+                          result.get("dim"), result.get("reranker"), sorted(result.get("metrics") or {}),
+                          sorted(result.get("mteb") or {})], default=str)
         if key not in seen:
             seen.add(key)
             unique.append(result)
     return unique
+
+
+def _comparison(result: dict[str, Any], metric: str) -> str:
+    """`+0.052 [0.011, 0.094] vs base, p=0.003` from the eval's paired comparisons, or ''."""
+    found = [c for c in result.get("comparisons") or [] if c.get("metric") == metric]
+    return "; ".join(f"{c['delta']:+.4f} [{c['low']:+.4f}, {c['high']:+.4f}] vs {c.get('baseline', '?')}, "
+                     f"p={c['p_value']:.3g}" for c in found)
 
 
 def eval_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -152,15 +161,19 @@ def eval_rows(results: list[dict[str, Any]]) -> list[dict[str, Any]]:
         label = result.get("label") or (short_name(result["model"]) if result.get("model") else "")
         for metric, value in (result.get("metrics") or {}).items():
             low_high = interval(result, metric)
+            chance = (result.get("random_baseline") or {}).get(metric)
             rows.append({
                 "model": label, "data": dataset_name(result), "split": result.get("split") or "",
                 "queries": result.get("n_queries"), "metric": METRIC_TITLES.get(metric, metric),
                 "value": f"{float(value):.4f}",
                 "interval": f"[{low_high[0]:.4f}, {low_high[1]:.4f}]" if low_high else "not computed",
+                "random": f"{float(chance):.4f}" if isinstance(chance, (int, float)) else "",
+                "comparison": _comparison(result, metric),
             })
         for task, scores in (result.get("mteb") or {}).items():
             rows.append({"model": label, "data": task, "split": "", "queries": None, "metric": "MTEB main score",
-                         "value": f"{float(scores['main_score']):.4f}", "interval": "not computed"})
+                         "value": f"{float(scores['main_score']):.4f}", "interval": "not computed", "random": "",
+                         "comparison": ""})
     return rows
 
 

@@ -31,7 +31,10 @@ TRAIL = [
         {"model": "/runs/x/merge/model", "data": "/runs/x/split/heldout", "n_queries": 60, "split": "test",
          "metrics": {"ndcg_at_10": 0.61}, "intervals": {"ndcg_at_10": {"mean": 0.61, "low": 0.52, "high": 0.70}}},
         {"model": "/runs/x/merge/model", "data": "/data/scifact", "data_name": "SciFact", "n_queries": 300,
-         "split": "test", "metrics": {"ndcg_at_10": 0.55}, "ci95": {"ndcg_at_10": [0.51, 0.59]}},
+         "split": "test", "metrics": {"ndcg_at_10": 0.55}, "ci95": {"ndcg_at_10": [0.51, 0.59]},
+         "random_baseline": {"ndcg_at_10": 0.0123},
+         "comparisons": [{"baseline": "base", "metric": "ndcg_at_10", "delta": 0.05, "low": 0.01, "high": 0.09,
+                          "p_value": 0.004, "n_queries": 300}]},
     ]},
 ]
 
@@ -64,8 +67,9 @@ def test_card_tells_the_trail(traced):
     for fragment in ("Qwen/Qwen3-32B", "sha256:ab12", "round_trip", "rank_range", "lr", "5e-05",
                      "loss plateaued after step 300", "slerp", "train/work/final"):
         assert fragment in text, fragment
-    assert "| SciFact | test | 300 | nDCG@10 | 0.5500 | [0.5100, 0.5900] |" in text
-    assert "| heldout | test | 60 | nDCG@10 | 0.6100 | [0.5200, 0.7000] |" in text
+    assert ("| SciFact | test | 300 | nDCG@10 | 0.5500 | [0.5100, 0.5900] | 0.0123 | +0.0500 [+0.0100, +0.0900] "
+            "vs base, p=0.004 |") in text
+    assert "| heldout | test | 60 | nDCG@10 | 0.6100 | [0.5200, 0.7000] |  |  |" in text
     assert "heldout: only 60 queries" in text and "synthetic" in text and "no human-written query" in text
     datasets = [r["dataset"] for r in meta["model-index"][0]["results"]]
     assert {d["name"] for d in datasets} == {"heldout", "SciFact"}
