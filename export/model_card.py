@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shlex
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,7 +140,7 @@ class CardInputs:
         base_text = ", ".join(base) if isinstance(base, list) else base
         repo = config.push_to_hub or config.repo_id
         stem = Path(str(config.output).rstrip("/")).name
-        base_short = Path(str(base_text).rstrip("/")).name if base_text else None
+        base_short = re.split(r"[/:]", str(base_text).rstrip("/"))[-1] if base_text else None
         if config.model_name or meta.model_name:
             name = config.model_name or meta.model_name
         elif repo:
@@ -234,7 +235,7 @@ def _details(card: CardInputs, facts: dict[str, Any]) -> list[tuple[str, str]]:
     if card.base_model_hub:
         base = f"[{card.base_model}](https://huggingface.co/{card.base_model})"
     else:
-        base = f"`{trail.short_name(card.base_model)}` (a local folder)" if card.base_model else "not recorded"
+        base = f"`{trail.short_name(card.base_model)}` (a local name, not a Hub id)" if card.base_model else "not recorded"
     rows = [("kind", f"{title} ({card.fmt})"), ("base model", base),
             ("architecture", ", ".join(facts.get("architectures") or []))]
     if card.kind == "embedder":
