@@ -26,6 +26,7 @@ BENCHMARKS = {
     "eval": ("eval_100k.py", "sentence-transformers semantic_search", ["--random", "--docs", "10000"]),
     "eval-real": ("eval_real.py", "sentence-transformers + pytrec_eval", ["--skip-smollm2", "--queries", "50",
                                                                           "--docs", "200"]),
+    "eval-mteb": ("eval_mteb.py", "sentence-transformers through mteb", ["--queries", "50", "--docs", "200"]),
 }
 
 

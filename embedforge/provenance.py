@@ -20,9 +20,18 @@ FILE = "provenance.json"
 
 
 def provenance_path(output: str | os.PathLike) -> Path:
-    """Where a stage output's provenance lives: inside a folder, or beside a file."""
+    """Where a stage output's provenance lives: inside a folder, or `FILE.provenance.json` beside a
+    file (several results files may share a folder)."""
     path = Path(output)
-    return path / FILE if path.is_dir() or not path.suffix else path.parent / FILE
+    return path / FILE if path.is_dir() or not path.suffix else path.with_name(f"{path.name}.{FILE}")
+
+
+def _existing_trail(source: Path) -> Path | None:
+    """A file's own trail, else the trail of the folder it was written into (a stage's output folder)."""
+    for candidate in (provenance_path(source), source.parent / FILE):
+        if candidate.is_file():
+            return candidate
+    return None
 
 
 def read_provenance(*inputs: str | os.PathLike | None) -> list[dict[str, Any]]:
@@ -32,8 +41,8 @@ def read_provenance(*inputs: str | os.PathLike | None) -> list[dict[str, Any]]:
     for source in inputs:
         if source is None:
             continue
-        path = provenance_path(source)
-        if not path.exists():
+        path = _existing_trail(Path(source))
+        if path is None:
             continue
         for record in json.loads(path.read_text(encoding="utf-8")):
             key = json.dumps(record, sort_keys=True, default=str)
