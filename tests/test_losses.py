@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import itertools
+import math
 
 import pytest
 import torch
@@ -412,3 +413,27 @@ def test_text_hashes_are_stable_content_ids():
     assert ids.dtype == torch.long and ids[0] == ids[2] and ids[0] != ids[1]
     digest = hashlib.blake2b(b"another", digest_size=8).digest()
     assert ids[1].item() == int.from_bytes(digest, "little", signed=True)
+
+
+def test_collapse_statistics_neg_sim_and_chance_loss():
+    """neg_sim: the mean cosine of the kept candidates per anchor; chance_loss: ln(1 + kept), which
+    the loss equals exactly when every similarity is the same (collapsed embeddings)."""
+    q, p, neg, valid, q_ids, pos_ids, neg_ids = make_problem(n=4, k=2, seed=11)
+    valid[2, 1] = False
+    cfg = Qwen3InfoNCEConfig(use_qq=False, use_dd=False, margin=None, mask_duplicates=False)
+    out = qwen3_infonce(EmbeddingBatch(q, p, neg, valid, q_ids, pos_ids, neg_ids), cfg)
+    sims, counts = [], []
+    for i in range(4):  # kept candidates of anchor i: its valid hard negatives, then every other row's documents
+        docs = [neg[i, kk] for kk in range(2) if valid[i, kk]]
+        docs += [p[j] for j in range(4) if j != i] + [neg[j, kk] for j in range(4) if j != i for kk in range(2)
+                                                       if valid[j, kk]]
+        sims.append(sum(cos(q[i], d) for d in docs) / len(docs))
+        counts.append(len(docs))
+    assert out.stats["neg_sim"].item() == pytest.approx(sum(sims).item() / 4, rel=1e-12)  # float64 problem
+    expected_chance = sum(math.log1p(c) for c in counts) / 4
+    assert out.stats["chance_loss"].item() == pytest.approx(expected_chance, rel=1e-12)
+    same = torch.ones_like(q)
+    collapsed = qwen3_infonce(EmbeddingBatch(same, same.clone(), torch.ones_like(neg), valid, q_ids, pos_ids,
+                                             neg_ids), cfg)
+    assert collapsed.loss.item() == pytest.approx(collapsed.stats["chance_loss"].item(), rel=1e-12)
+    assert collapsed.stats["neg_sim"].item() == pytest.approx(collapsed.stats["pos_sim"].item(), rel=1e-12)

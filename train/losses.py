@@ -293,7 +293,7 @@ def qwen3_infonce(
             "hard_neg_masked_margin": hard_by_margin.sum() / denom,
             "accuracy": (all_logits[:, 0] > best_other).float().sum() / denom,
             "neg_sim": (kept_sim / kept_total.clamp(min=1)).sum() / denom,
-            "chance_loss": torch.log1p(kept_total).sum() / denom,
+            "chance_loss": torch.log1p(kept_total.to(dtype)).sum() / denom,
         }
     return LossOutput(loss, {key: value.detach() for key, value in stats.items()})
 
