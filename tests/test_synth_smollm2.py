@@ -207,8 +207,11 @@ def test_transformers_serve_killed_mid_run_then_resumed(tmp_path, smollm2):
     with LocalServer(
         transformers_serve_command(smollm2, "127.0.0.1", port), port, log_path=tmp_path / "s2.log"
     ) as s2:
-        second = SynthesisRun(config, backend(s2.base_url), out, retriever).run(passages)
+        second_run = SynthesisRun(config, backend(s2.base_url), out, retriever)
+        second = second_run.run(passages)
     assert second.status == "complete" and second.pending == 0
+    # the requests carried response_format json_schema and the server took them (it ignores the field)
+    assert second_run.decoding() == "json_schema"
     assert second.skipped_already_done == len(passages) - first.pending
     after = pairs_path.read_text()
     assert after.startswith(before)
