@@ -216,7 +216,9 @@ def run_recipe(recipe, *, workdir: str | os.PathLike | None = None, progress: Ca
     corpus_inputs = {} if recipe.corpus.path.startswith("builtin:") else {"corpus": recipe.corpus.path}
     corpus = step("corpus", recipe.corpus, corpus_inputs, stages.corpus_stage)
     passages = corpus["output"]
-    real_queries = [corpus["real_queries"]] if corpus.get("real_queries") else []
+    # The contamination gate compares synthetic rows with the held-out QUERIES only: in domain
+    # adaptation the search corpus is the training corpus by design.
+    real_queries = [str(Path(corpus["real_queries"]) / "queries.jsonl")] if corpus.get("real_queries") else []
     train_inputs: dict[str, str] = {}
     heldout = None
     if recipe.synth.enabled:
