@@ -45,7 +45,7 @@ def _package_dir(module: str, install_hint: str) -> Path:
     spec = importlib.util.find_spec(module)
     if spec is None or not spec.submodule_search_locations:
         raise ModelLoadError(f"package {module!r} is not installed; install it with: {install_hint}")
-    return Path(list(spec.submodule_search_locations)[0])
+    return Path(next(iter(spec.submodule_search_locations)))
 
 
 def _publish(tmp: Path, final: Path) -> Path:
@@ -232,3 +232,8 @@ def resolve_builtin(name: str) -> str:
     if name not in BUILTIN_MODELS:
         raise ModelLoadError(f"{name}: unknown built-in model; known: {', '.join(BUILTIN_MODELS)}")
     return str(BUILTIN_MODELS[name]())
+
+
+def resolve_model(name: str) -> str:
+    """`builtin:NAME` -> its offline folder; anything else (a folder, a Hub id) unchanged."""
+    return resolve_builtin(name) if name.startswith("builtin:") else name
