@@ -37,7 +37,8 @@ def test_method_auto_is_full_up_to_the_threshold_and_lora_above():
     cfg = _cfg()
     assert cfg.method == "auto" and cfg.lr is None
     small, _, why = _resolve(cfg, parameters=135_000_000)
-    assert (small.method, small.lr) == ("full", LR_BY_METHOD["full"])
+    assert (small.method, small.lr) == ("full", 2e-5)  # full fine-tuning from 100M parameters
+    assert _resolve(cfg, parameters=22_000_000)[0].lr == LR_BY_METHOD["full"]
     large, _, _ = _resolve(cfg, parameters=cfg.full_max_parameters + 1)
     assert (large.method, large.lr) == ("lora", LR_BY_METHOD["lora"])
     assert any(line.startswith("method full: 135M parameters") for line in why)

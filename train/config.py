@@ -127,8 +127,8 @@ class TrainConfig(StrictModel):
     max_length: int = Field(512, gt=0)
     mixing_temperature: float = Field(1.0, gt=0)
 
-    lr: float | None = Field(None, gt=0, description="peak learning rate; null: by method (full 5e-5, lora 2e-4, "
-                             "the best of the sweep in bench/results/train_defaults_sweep.md)")
+    lr: float | None = Field(None, gt=0, description="peak learning rate; null: by method and size (full 5e-5, 2e-5 from "
+                             "100M parameters; lora 2e-4), see bench/results/train_defaults_sweep.md")
     weight_decay: float = Field(0.0, ge=0)
     scheduler: Literal["linear", "cosine", "constant", "constant_with_warmup"] = "linear"
     warmup_steps: int | None = Field(None, ge=0, description="null: 10% of the planned steps")

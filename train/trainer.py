@@ -39,7 +39,7 @@ from embedforge.outcome import StageOutcome
 from embedforge.train import checkpoint as ckpt
 from embedforge.train.config import TrainConfig
 from embedforge.train.data import Batch, MixingSampler, contrastive_texts, load_sources, reranker_groups
-from embedforge.train.defaults import LR_BY_METHOD
+from embedforge.train.defaults import default_lr
 from embedforge.train.health import CollapseGuard
 
 logger = logging.getLogger(__name__)
@@ -192,8 +192,9 @@ class Trainer:
             causes.append(f"pooling at the appended {spec.eos_token!r}: in a language model that was not trained "
                           "as an embedder it is a document separator whose state ignores the text (pool the last "
                           "real token: embedforge.json append_eos false)")
-        if cfg.lr is not None and cfg.lr > 2 * LR_BY_METHOD[cfg.method]:
-            causes.append(f"lr {cfg.lr:g} is high for {cfg.method} fine-tuning (default {LR_BY_METHOD[cfg.method]:g})")
+        usual = default_lr(cfg.method, sum(p.numel() for p in self.holder.model.parameters()))
+        if cfg.lr is not None and cfg.lr > 2 * usual:
+            causes.append(f"lr {cfg.lr:g} is high for {cfg.method} fine-tuning of this model (default {usual:g})")
         if cfg.task == "embedding" and cfg.loss.margin is not None:
             causes.append(f"the false-negative margin {cfg.loss.margin} masks most candidates when the base model "
                           "scores every pair alike (metric masked_margin); try loss.preset infonce")
