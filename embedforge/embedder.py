@@ -5,6 +5,8 @@ Decoders (Qwen3, Llama, SmolLM2, Mistral...) embed with the last token's state a
 Qwen3-Embedding tokenizer appends it itself, base Qwen3 tokenizers do not: pain point 2).
 Encoders use the pooling their sentence-transformers folder declares, or mean pooling.
 The same `tokenize` + `embed` pair serves inference, training and export, so they cannot drift.
+Decoders can also run padding-free: `tokenize(..., packing=True)` packs several texts per row
+(embedforge/packing.py) and `embed` reads each text's vector at its own last token.
 """
 
 from __future__ import annotations
@@ -24,6 +26,18 @@ import torch.nn.functional as F
 
 from embedforge import modeling
 from embedforge.errors import InputError, ModelLoadError
+from embedforge.packing import (
+    Packing,
+    backbone_config,
+    choose_packing,
+    is_packed,
+    needs_single_row,
+    pack,
+    plan_forwards,
+    plan_rows,
+    pool_packed,
+    why_not_packable,
+)
 from embedforge.pooling import POOLING_MODES, pool, truncate_and_normalize
 from embedforge.templates import format_query, query_prompt
 
@@ -146,6 +160,7 @@ class Embedder:
         self.tokenizer.padding_side = spec.padding_side
         self._eos_id: int | None = None
         self._prefix_ids: list[int] = []
+        self._padding_reasons: set[str] = set()  # why packing fell back, each logged once
         if spec.append_eos:
             eos = spec.eos_token if spec.eos_token in tokenizer.get_vocab() else tokenizer.eos_token
             if eos is None:
@@ -198,10 +213,39 @@ class Embedder:
         return []
 
     def tokenize(
-        self, texts: Sequence[str], instruction: str | None = None, max_length: int | None = None
+        self, texts: Sequence[str], instruction: str | None = None, max_length: int | None = None, *,
+        packing: Packing = False,
     ) -> dict[str, torch.Tensor]:
-        """Token ids and attention mask for a batch, instruction applied, EOS appended exactly once."""
-        return self._pad(self.token_ids(texts, instruction, max_length))
+        """Model inputs for a batch, instruction applied, EOS appended exactly once: token ids and
+        attention mask, or packed rows (see `batch`)."""
+        return self.batch(self.token_ids(texts, instruction, max_length), packing=packing)
+
+    def batch(self, rows: list[list[int]], packing: Packing = False) -> dict[str, torch.Tensor]:
+        """Model inputs for token-id rows: padded, or packed (several texts per row, no padding
+        between them) when `packing` is True or "auto" and the model can pack. "auto" packs only when
+        that leaves fewer positions to compute than padding to the longest row; a model that cannot
+        pack (encoders) gets padded rows and one log line. `embed` takes either."""
+        if not self._packs(packing):
+            return self._pad(rows)
+        lengths = [len(r) for r in rows]
+        single_row = needs_single_row(self.model)
+        plan = None if single_row else plan_rows(lengths)
+        packed_slots = sum(lengths) if single_row else len(plan) * max(lengths)
+        if packing == "auto" and packed_slots >= len(rows) * max(lengths):
+            return self._pad(rows)
+        return pack(rows, pad_id=self._pad_id, single_row=single_row, rows=plan)
+
+    def _packs(self, requested: Packing) -> bool:
+        ok, reason = choose_packing(requested, self.model)
+        if reason is not None and reason not in self._padding_reasons:
+            self._padding_reasons.add(reason)
+            level = logging.WARNING if requested is True else logging.INFO
+            logger.log(level, "%s: padded batches, not packed: %s", self.name or "embedder", reason)
+        return ok
+
+    @property
+    def _pad_id(self) -> int:
+        return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos_id
 
     def token_ids(
         self, texts: Sequence[str], instruction: str | None = None, max_length: int | None = None
@@ -229,8 +273,7 @@ class Embedder:
 
     def _pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         width = max(len(r) for r in rows)
-        pad_id = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos_id
-        ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+        ids = torch.full((len(rows), width), self._pad_id, dtype=torch.long)
         mask = torch.zeros((len(rows), width), dtype=torch.long)
         for i, row in enumerate(rows):
             if self.spec.padding_side == "left":
@@ -245,12 +288,27 @@ class Embedder:
             warnings.warn(f"{count} text(s) longer than max_length={max_length} tokens were truncated", stacklevel=3)
 
     def embed(self, features: dict[str, torch.Tensor]) -> torch.Tensor:
-        """Pooled, L2-normalised float32 embeddings at full width; differentiable outside no_grad."""
+        """Pooled, L2-normalised float32 embeddings at full width, one per text in the order the
+        features were made (padded or packed); differentiable outside no_grad."""
         device = self.device
-        features = {k: v.to(device) for k, v in features.items()}
-        hidden = self.model(**features).last_hidden_state
-        pooled = pool(hidden, features["attention_mask"], self.spec.pooling)
+        if is_packed(features):
+            reason = why_not_packable(self.model)
+            if reason is not None:
+                raise InputError(f"packed features for a model that cannot pack: {reason}")
+            # No KV cache: with one, transformers ignores the packing and texts attend across a row.
+            hidden = self.model(input_ids=features["input_ids"].to(device),
+                                position_ids=features["position_ids"].to(device), use_cache=False).last_hidden_state
+            pooled = pool_packed(hidden, features, self.spec.pooling)
+        else:
+            features = {k: v.to(device) for k, v in features.items()}
+            extra = {"use_cache": False} if self._is_decoder else {}  # a cache only holds memory here
+            hidden = self.model(**features, **extra).last_hidden_state
+            pooled = pool(hidden, features["attention_mask"], self.spec.pooling)
         return F.normalize(pooled.float(), p=2, dim=-1)
+
+    @property
+    def _is_decoder(self) -> bool:
+        return getattr(backbone_config(self.model), "model_type", None) in modeling.DECODER_MODEL_TYPES
 
     # --- inference ----------------------------------------------------------------------------
 
@@ -281,6 +339,7 @@ class Embedder:
         dim: int | None = None,
         max_length: int | None = None,
         show_progress: bool | None = None,
+        packing: Packing = "auto",
     ) -> np.ndarray | torch.Tensor | list[torch.Tensor]:
         """Embed texts; rows come back in input order, L2-normalised.
 
@@ -299,6 +358,10 @@ class Embedder:
             dim: Matryoshka width, the Qwen3 convention: truncate to `dim`, then renormalise.
             max_length: tokens per text (default: the model's).
             show_progress: alias of show_progress_bar.
+            packing: decoders only. True: each forward packs its texts into `batch_size` rows as
+                wide as its longest text (no padding between texts, so more texts per forward);
+                False: `batch_size` texts padded to the longest; "auto" (default): packed when that
+                computes fewer positions. The vectors are the same either way (fp32: within rounding).
         """
         single = isinstance(texts, str)
         texts = check_texts([texts] if single else texts)
@@ -323,7 +386,7 @@ class Embedder:
         if device is not None and torch.device(device) != self.device:
             self.model.to(device)
         vectors = self._encode_float(texts, instruction, width, renormalise, batch_size, max_length,
-                                     bool(show_progress if show_progress is not None else show_progress_bar))
+                                     bool(show_progress if show_progress is not None else show_progress_bar), packing)
         if precision != "float32":
             vectors = quantize_embeddings(vectors, precision)
         if convert_to_tensor:
@@ -349,7 +412,7 @@ class Embedder:
         return self.encode(texts, **kwargs)
 
     def _encode_float(self, texts: list[str], instruction: str | None, width: int | None, renormalise: bool,
-                      batch_size: int, max_length: int | None, show_progress: bool) -> np.ndarray:
+                      batch_size: int, max_length: int | None, show_progress: bool, packing: Packing) -> np.ndarray:
         out = np.zeros((len(texts), width or self.dimension), dtype=np.float32)
         if not texts:
             return out
@@ -357,18 +420,42 @@ class Embedder:
         # each batch then pads to nearly its own length.
         rows = self.token_ids(texts, instruction, max_length)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
-        batches = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        forwards = self._forwards(rows, order, batch_size, packing)
         if show_progress:
             from tqdm.auto import tqdm
 
-            batches = tqdm(batches, desc="encode", unit="batch")
+            forwards = tqdm(forwards, desc="encode", unit="batch")
         with torch.inference_mode():
-            for batch in batches:
-                vectors = self.embed(self._pad([rows[i] for i in batch]))
+            for group, features in forwards:
+                vectors = self.embed(features)
                 if width is not None:
                     vectors = truncate_and_normalize(vectors, width) if renormalise else vectors[:, :width]
-                out[batch] = vectors.cpu().numpy()
+                out[group] = vectors.cpu().numpy()
         return out
+
+    def _forwards(self, rows: list[list[int]], order: list[int], batch_size: int,
+                  packing: Packing) -> list[tuple[list[int], dict[str, torch.Tensor]]]:
+        """(text indices, features) of each forward, longest texts first. Padded: `batch_size` texts.
+        Packed: the same forwards with the shortest texts moved into their padding (`plan_forwards`),
+        so no forward is larger than the padded one and there are fewer of them."""
+        padded = [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
+        if not self._packs(packing):
+            return [(group, self._pad([rows[i] for i in group])) for group in padded]
+        lengths = [len(rows[i]) for i in order]
+        plans = plan_forwards(lengths, batch_size, single_row=needs_single_row(self.model))
+        packed_slots = sum(len(plan) * max(sum(lengths[i] for i in row) for row in plan) for plan in plans)
+        padded_slots = sum(len(group) * len(rows[group[0]]) for group in padded)
+        if packing == "auto" and packed_slots >= padded_slots:
+            return [(group, self._pad([rows[i] for i in group])) for group in padded]
+        forwards = []
+        for plan in plans:
+            group = [order[i] for row in plan for i in row]
+            local, at = [], 0
+            for row in plan:
+                local.append(list(range(at, at + len(row))))
+                at += len(row)
+            forwards.append((group, pack([rows[i] for i in group], pad_id=self._pad_id, rows=local)))
+        return forwards
 
     def similarity(self, a: np.ndarray | torch.Tensor, b: np.ndarray | torch.Tensor) -> torch.Tensor:
         """Cosine similarity matrix of two sets of vectors (sentence-transformers' `similarity`)."""
