@@ -26,9 +26,21 @@ def _rank_range(text: str) -> tuple[int, int]:
     return start, end
 
 
-def _print_warnings(outcome) -> None:
+def _finish(outcome, args: argparse.Namespace, code: int = 0) -> int:
+    """Print the outcome's warnings; under --strict a warning stops the command (exit 2)."""
     for message in outcome.warnings:
         print(f"warning: {message}", file=sys.stderr)
+    if args.strict and outcome.warnings:
+        from embedforge.errors import EmbedforgeError
+
+        raise EmbedforgeError(f"stopped by --strict: {len(outcome.warnings)} warning(s), the first: "
+                              f"{outcome.warnings[0]}")
+    return code
+
+
+def _add_strict(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--strict", action="store_true",
+                        help="exit with status 2 when the stage produced nothing useful (any warning)")
 
 
 def register(subparsers) -> None:
@@ -45,6 +57,7 @@ def register(subparsers) -> None:
     p.add_argument("--task", dest="tasks", nargs="+", choices=TASKS, default=argparse.SUPPRESS,
                    help="alias of --tasks")
     p.add_argument("--prompts", dest="prompts_dir", default=argparse.SUPPRESS, help="alias of --prompts-dir")
+    _add_strict(p)
     p.set_defaults(func=run_synth)
 
     p = subparsers.add_parser(
@@ -62,6 +75,7 @@ def register(subparsers) -> None:
     p.add_argument("--copy-max", dest="copy_max_ratio", default=argparse.SUPPRESS, help="alias of --copy-max-ratio")
     p.add_argument("--near-dup", dest="near_dup_threshold", default=argparse.SUPPRESS,
                    help="alias of --near-dup-threshold")
+    _add_strict(p)
     p.set_defaults(func=run_filter)
 
     p = subparsers.add_parser(
@@ -77,6 +91,7 @@ def register(subparsers) -> None:
                    help="raw rank range START:END (sets --rank-start and --rank-end)")
     p.add_argument("--no-instructions", dest="use_instructions", action="store_false", default=argparse.SUPPRESS,
                    help="alias of --no-use-instructions")
+    _add_strict(p)
     p.set_defaults(func=run_mine)
 
 
@@ -96,8 +111,7 @@ def run_synth(args: argparse.Namespace) -> int:
         f"{outcome.transport_failures or '{}'} -> {outcome.output}",
         file=sys.stderr,
     )
-    _print_warnings(outcome)
-    return 1 if outcome.pending else 0
+    return _finish(outcome, args, 1 if outcome.pending else 0)
 
 
 def run_filter(args: argparse.Namespace) -> int:
@@ -108,8 +122,7 @@ def run_filter(args: argparse.Namespace) -> int:
     threshold = "" if outcome.cosine_threshold is None else f"; cosine threshold {outcome.cosine_threshold:g}"
     print(f"filter: kept {outcome.rows_kept} of {outcome.rows_in} rows (dropped: {drops or 'none'}{threshold}) "
           f"-> {outcome.output}", file=sys.stderr)
-    _print_warnings(outcome)
-    return 0
+    return _finish(outcome, args)
 
 
 def run_mine(args: argparse.Namespace) -> int:
@@ -126,5 +139,4 @@ def run_mine(args: argparse.Namespace) -> int:
         f"{outcome.seconds:.1f} s -> {outcome.output}",
         file=sys.stderr,
     )
-    _print_warnings(outcome)
-    return 0
+    return _finish(outcome, args)

@@ -14,7 +14,7 @@ from pathlib import Path
 
 from embedforge.data_synth.gates import GateResult, Row
 from embedforge.errors import InputError
-from embedforge.io import iter_jsonl
+from embedforge.io import iter_jsonl, iter_text_lines
 
 _WORD = re.compile(r"\w+", re.UNICODE)
 _ID_KEYS = {"id", "_id", "query_id", "doc_id", "corpus-id", "query-id", "label", "score"}
@@ -36,7 +36,7 @@ def load_eval_texts(path: str | os.PathLike) -> list[str]:
         for _, obj in iter_jsonl(path):
             texts.extend(v for k, v in obj.items() if k not in _ID_KEYS and isinstance(v, str) and v.strip())
         return texts
-    return [line for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return [line.strip() for _, line in iter_text_lines(path) if line.strip()]
 
 
 def _words(text: str) -> list[str]:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedforge.errors import InputError
-from embedforge.io import iter_jsonl, require_str
+from embedforge.io import brief, iter_jsonl, read_text_file, require_str
 
 TEXT_SUFFIXES = (".txt", ".md")
 _WORD = re.compile(r"\S+")
@@ -103,7 +103,7 @@ def iter_documents(
     elif path.suffix in (".jsonl", ".json", ".ndjson"):
         yield from _iter_jsonl(path, text_field, id_field)
     elif path.suffix in TEXT_SUFFIXES:
-        yield path.stem, path.read_text(encoding="utf-8"), str(path)
+        yield path.stem, read_text_file(path), str(path)
     else:
         raise InputError(
             "unknown corpus format; expected .jsonl, .parquet, .txt/.md or a folder", path=str(path)
@@ -117,7 +117,7 @@ def _iter_jsonl(path: Path, text_field: str, id_field: str) -> Iterator[tuple[st
         text = require_str(obj, text_field, path=str(path), line=line)
         if doc_id in seen:
             raise InputError(
-                f"duplicate id {doc_id!r} (first at line {seen[doc_id]})",
+                f"duplicate id {brief(doc_id)} (first at line {seen[doc_id]})",
                 path=str(path),
                 line=line,
                 field=id_field,
@@ -128,24 +128,44 @@ def _iter_jsonl(path: Path, text_field: str, id_field: str) -> Iterator[tuple[st
 
 
 def _iter_parquet(path: Path, text_field: str, id_field: str) -> Iterator[tuple[str, str, str]]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except (pa.ArrowException, OSError) as exc:
+        raise InputError(f"not a readable Parquet file ({str(exc).splitlines()[0]})", path=str(path)) from None
     if text_field not in table.column_names:
         raise InputError(
             f"no column {text_field!r} (columns: {table.column_names})", path=str(path), field=text_field
         )
-    texts = table.column(text_field).to_pylist()
-    ids = table.column(id_field).to_pylist() if id_field in table.column_names else [None] * len(texts)
+    texts = _column(table, text_field, path)
+    ids = _column(table, id_field, path) if id_field in table.column_names else [None] * len(texts)
     seen: set[str] = set()
     for row, (raw_id, text) in enumerate(zip(ids, texts), start=1):
         doc_id = _doc_id(raw_id, str(path), row, id_field)
         if not isinstance(text, str) or not text.strip():
-            raise InputError("expected a non-empty string", path=str(path), line=row, field=text_field)
+            raise InputError(f"expected a non-empty string, got {type(text).__name__}", path=str(path), line=row,
+                             field=text_field)
         if doc_id in seen:
-            raise InputError(f"duplicate id {doc_id!r}", path=str(path), line=row, field=id_field)
+            raise InputError(f"duplicate id {brief(doc_id)}", path=str(path), line=row, field=id_field)
         seen.add(doc_id)
         yield doc_id, text, str(path)
+
+
+def _column(table, name: str, path: Path) -> list:
+    """A column's values; a string that is not UTF-8 is named by its row (1-based, as `line`)."""
+    column = table.column(name)
+    try:
+        return column.to_pylist()
+    except UnicodeDecodeError:
+        for row, value in enumerate(column, start=1):
+            try:
+                value.as_py()
+            except UnicodeDecodeError as exc:
+                raise InputError(f"not valid UTF-8 (byte 0x{exc.object[exc.start]:02x} at column {exc.start + 1})",
+                                 path=str(path), line=row, field=name) from None
+        raise
 
 
 def _iter_folder(folder: Path) -> Iterator[tuple[str, str, str]]:
@@ -153,10 +173,7 @@ def _iter_folder(folder: Path) -> Iterator[tuple[str, str, str]]:
     if not files:
         raise InputError("folder holds no .txt or .md files", path=str(folder))
     for file in files:
-        try:
-            text = file.read_text(encoding="utf-8")
-        except UnicodeDecodeError as exc:
-            raise InputError(f"not UTF-8 text ({exc.reason})", path=str(file)) from None
+        text = read_text_file(file)
         if text.strip():
             yield file.relative_to(folder).as_posix(), text, str(file)
 
@@ -167,7 +184,7 @@ def _doc_id(raw, path: str, line: int, field: str) -> str:
         return f"row{line}"
     if isinstance(raw, bool) or not isinstance(raw, (str, int)) or not str(raw).strip():
         raise InputError(
-            f"expected a non-empty string or integer id, got {raw!r}", path=path, line=line, field=field
+            f"expected a non-empty string or integer id, got {brief(raw)}", path=path, line=line, field=field
         )
     return str(raw)
 

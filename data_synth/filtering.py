@@ -6,7 +6,7 @@ from __future__ import annotations
 import json
 import os
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +26,7 @@ from embedforge.data_synth.gates import (
 )
 from embedforge.data_synth.report import coverage_markdown
 from embedforge.errors import ConfigError, InputError
-from embedforge.io import atomic_dir, iter_jsonl, require_str
+from embedforge.io import atomic_dir, check_output, iter_jsonl, output_lock, read_json_file, require_str
 from embedforge.outcome import StageOutcome
 from embedforge.provenance import read_provenance, write_provenance
 
@@ -107,7 +107,7 @@ class FilterOutcome(StageOutcome):
 
 def read_pairs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Row], list[dict[str, Any]]]:
     """Rows from synthesis output folders (their `pairs-*.jsonl` shards) or JSONL files, and the run
-    reports found in the folders' manifests."""
+    reports found in the folders' manifests. A row of the wrong shape is named by file, line and field."""
     rows: list[Row] = []
     reports: list[dict[str, Any]] = []
     for source in inputs:
@@ -117,15 +117,37 @@ def read_pairs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Row], list[dic
             if not files:
                 raise InputError("no pairs-*.jsonl shards in this folder", path=str(source))
             for manifest in sorted(source.glob("manifest-*.json")):
-                reports.append(json.loads(manifest.read_text(encoding="utf-8"))["report"])
+                report = read_json_file(manifest)
+                if not isinstance(report, dict) or not isinstance(report.get("report"), dict):
+                    raise InputError("not a synth manifest (no 'report')", path=str(manifest), field="report")
+                reports.append(report["report"])
         else:
             files = [source]
         for path in files:
             for line, obj in iter_jsonl(path):
-                for name in ("query", "positive"):
-                    require_str(obj, name, path=str(path), line=line)
+                check_pair(obj, str(path), line)
                 rows.append(obj)
     return rows, reports
+
+
+def check_pair(obj: dict[str, Any], path: str, line: int) -> None:
+    """The fields a training pair must have, of the types training reads (embedforge.train.data)."""
+    for name in ("query", "positive"):
+        require_str(obj, name, path=path, line=line)
+    negatives = obj.get("negatives")
+    if negatives is not None:
+        if not isinstance(negatives, list):
+            raise InputError(f"expected a list of strings, got {type(negatives).__name__}", path=path, line=line,
+                             field="negatives")
+        for k, negative in enumerate(negatives):
+            if not isinstance(negative, str):
+                raise InputError(f"element {k}: expected a string, got {type(negative).__name__}", path=path,
+                                 line=line, field="negatives")
+    for name in ("instruction", "dataset", "task"):
+        value = obj.get(name)
+        if value is not None and not isinstance(value, str):
+            raise InputError(f"expected a string or null, got {type(value).__name__}", path=path, line=line,
+                             field=name)
 
 
 def needs_teacher(config: FilterConfig) -> bool:
@@ -189,8 +211,10 @@ def write_filter_output(
     config: FilterConfig,
     run_reports: Sequence[dict[str, Any]] = (),
     overwrite: bool = False,
+    trail: Callable[[Path], Any] | None = None,
 ) -> Path:
-    """pairs.jsonl (kept), dropped.jsonl (with `drop_reason`), coverage.md, filter_report.json; atomic."""
+    """pairs.jsonl (kept), dropped.jsonl (with `drop_reason`), coverage.md, filter_report.json and,
+    through `trail(folder)`, the provenance: all appear together or not at all."""
     with atomic_dir(folder, overwrite=overwrite) as tmp:
         with open(tmp / "pairs.jsonl", "w", encoding="utf-8") as fh:
             fh.writelines(json.dumps(row, ensure_ascii=False) + "\n" for row in outcome.kept)
@@ -220,6 +244,8 @@ def write_filter_output(
             "generation": list(run_reports),
         }
         (tmp / "filter_report.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+        if trail is not None:
+            trail(tmp)
     return Path(folder)
 
 
@@ -239,40 +265,44 @@ def filter_pairs(config: FilterConfig) -> FilterOutcome:
             "--teacher is required for the cosine and round-trip gates "
             "(or pass --threshold none --roundtrip-k none)"
         )
-    if Path(config.output).exists() and not config.overwrite:
-        raise ConfigError(f"{config.output} exists; pass --overwrite to replace it")
-    embedder = None
-    if config.teacher:
-        from embedforge.data_synth.models import load_embedder
+    check_output(config.output, [*config.input, *config.eval_sets, config.teacher], overwrite=config.overwrite)
+    with output_lock(config.output):
+        rows, reports = read_pairs(config.input)  # bad input fails before a teacher loads
+        if not rows:
+            raise InputError("no rows to filter", path=", ".join(config.input))
+        embedder = None
+        if config.teacher:
+            from embedforge.data_synth.models import load_embedder
 
-        embedder = load_embedder(config.teacher, config.device)
-    rows, reports = read_pairs(config.input)
-    counts = filter_rows(rows, config, embedder)
-    write_filter_output(config.output, counts, config, reports, overwrite=config.overwrite)
-    outcome = FilterOutcome(
-        output=config.output,
-        rows_in=counts.rows_in,
-        rows_kept=len(counts.kept),
-        dropped={gate: sum(c.values()) for gate, c in counts.drops.items()},
-        cosine_threshold=counts.thresholds.get("cosine"),
-        teacher_instructions=teacher_instructions(config, embedder) if embedder is not None else None,
-        emptied_by=counts.emptied_by(),
-    )
-    for note in counts.notes:
-        outcome.warn(f"filter: {note}")
-    _warn(outcome, counts)
-    write_provenance(
-        config.output,
-        read_provenance(*config.input),
-        "filter",
-        teacher=config.teacher,
-        teacher_instructions=outcome.teacher_instructions,
-        gates=[{"gate": g, "rows_in": a, "rows_out": b, "threshold": counts.thresholds.get(g)}
-               for g, a, b in counts.order],
-        rows_in=counts.rows_in,
-        rows_kept=len(counts.kept),
-        warnings=outcome.warnings,
-    )
+            embedder = load_embedder(config.teacher, config.device)
+        counts = filter_rows(rows, config, embedder)
+        outcome = FilterOutcome(
+            output=config.output,
+            rows_in=counts.rows_in,
+            rows_kept=len(counts.kept),
+            dropped={gate: sum(c.values()) for gate, c in counts.drops.items()},
+            cosine_threshold=counts.thresholds.get("cosine"),
+            teacher_instructions=teacher_instructions(config, embedder) if embedder is not None else None,
+            emptied_by=counts.emptied_by(),
+        )
+        for note in counts.notes:
+            outcome.warn(f"filter: {note}")
+        _warn(outcome, counts)
+        previous = read_provenance(*config.input)
+
+        def trail(folder: Path) -> None:
+            write_provenance(
+                folder, previous, "filter",
+                teacher=config.teacher,
+                teacher_instructions=outcome.teacher_instructions,
+                gates=[{"gate": g, "rows_in": a, "rows_out": b, "threshold": counts.thresholds.get(g)}
+                       for g, a, b in counts.order],
+                rows_in=counts.rows_in,
+                rows_kept=len(counts.kept),
+                warnings=outcome.warnings,
+            )
+
+        write_filter_output(config.output, counts, config, reports, overwrite=config.overwrite, trail=trail)
     return outcome
 
 
@@ -281,9 +311,6 @@ def _warn(outcome: FilterOutcome, counts: GateCounts) -> None:
         used = counts.thresholds.get(gate)
         return f"{gate} gate (threshold {used:g})" if used is not None else f"{gate} gate"
 
-    if outcome.rows_in == 0:
-        outcome.warn("filter: the input holds no rows")
-        return
     if outcome.rows_kept == 0:
         outcome.warn(f"filter kept 0 of {outcome.rows_in} rows: the {gate_text(outcome.emptied_by)} dropped "
                      "the last ones" if outcome.emptied_by else f"filter kept 0 of {outcome.rows_in} rows")

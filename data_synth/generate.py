@@ -12,10 +12,12 @@ Guarantees:
 - Sharding: passage p belongs to shard `hash(p.id) % num_shards`; shards are disjoint and cover
   the corpus, so any scheduler can fan out with `--shard-index/--num-shards`.
 - Resume: a passage is finished once its rows (or its final content failure) are in the shard
-  files; a rerun skips exactly those. Transport failures (server down, timeouts after retries)
+  files; a rerun skips exactly those. An output folder holds one shard layout (`num_shards`);
+  another is refused, since its shards would overlap the first's. Transport failures (server down, timeouts after retries)
   leave the passage pending for the next run instead of recording it as failed.
 - Reproducibility: the task, language, length and request seeds of a passage come from
-  `(seed, passage id)` alone, so they do not depend on scheduling or on the shard layout.
+  `(seed, passage id)` alone, so they do not depend on scheduling or on the shard layout; a
+  finished shard is rewritten in corpus order, so neither does the order of its rows.
 """
 
 from __future__ import annotations
@@ -42,7 +44,7 @@ from embedforge.data_synth.language import LANGUAGE_NAMES, is_wrong_language, la
 from embedforge.data_synth.personas import Persona, PersonaRetriever
 from embedforge.data_synth.prompt_templates import PromptTemplate, load_template
 from embedforge.data_synth.schemas import OutputError, decoding_schema, parse_output
-from embedforge.data_synth.shards import AppendOnlyShard, shard_name
+from embedforge.data_synth.shards import AppendOnlyShard, claim_layout, rewrite_in_order, shard_name
 from embedforge.errors import ConfigError
 from embedforge.io import write_json
 from embedforge.templates import BITEXT_INSTRUCTION, DEFAULT_RETRIEVAL_INSTRUCTION, STS_INSTRUCTION
@@ -432,7 +434,11 @@ class SynthesisRun:
     # --- the run ----------------------------------------------------------------------------------
 
     def run(self, passages: Sequence[Passage], corpus_info: dict[str, Any] | None = None) -> RunReport:
-        """Synthesise this shard's passages; returns the report (also written to the manifest)."""
+        """Synthesise this shard's passages; returns the report (also written to the manifest).
+
+        The caller holds the shard's lock (`synthesize` does); a finished run leaves its shard
+        files in corpus order, whatever order the replies came in."""
+        claim_layout(self.out, self.config.num_shards)
         history = self._check_resume()
         todo_all = select_passages(passages, self.config)
         pairs = AppendOnlyShard(self.pairs_path, fsync=self.config.fsync)
@@ -480,6 +486,9 @@ class SynthesisRun:
                 }
             )
             write_json(self.manifest_path, self.manifest(corpus_info, history + [self._invocation]))
+        position = {p.id: i for i, p in enumerate(passages)}
+        rewrite_in_order(self.pairs_path, position)
+        rewrite_in_order(self.failed_path, position)
         return report
 
     async def _run_all(self, todo: list[Passage], pairs: AppendOnlyShard, failed: AppendOnlyShard) -> None:

@@ -31,8 +31,8 @@ from embedforge.config import StrictModel
 from embedforge.data_synth.corpus import Passage, text_hash
 from embedforge.data_synth.gates import Row, encode_rows
 from embedforge.data_synth.shards import shard_name
-from embedforge.errors import ConfigError
-from embedforge.io import atomic_path, write_json, write_jsonl
+from embedforge.errors import ConfigError, InputError
+from embedforge.io import atomic_path, check_output, output_lock, read_json_file, write_json, write_jsonl
 from embedforge.outcome import StageOutcome
 from embedforge.provenance import read_provenance, write_provenance
 from embedforge.templates import DEFAULT_RETRIEVAL_INSTRUCTION
@@ -70,6 +70,7 @@ class MineConfig(StrictModel):
     keep_existing_negatives: bool = True
     shard_index: int = Field(default=0, ge=0)
     num_shards: int = Field(default=1, ge=1)
+    overwrite: bool = Field(default=False, description="replace mined rows made from other data or settings")
 
     @model_validator(mode="after")
     def _ranges(self):
@@ -371,9 +372,44 @@ def mine_rows(
     report.total_s = time.monotonic() - began
     write_json(
         out / shard_name("mine_report", *tag, suffix="json"),
-        {"report": asdict(report), "config": config.model_dump(), "cache": str(cache_dir)},
+        {"report": asdict(report), "config": config.model_dump(), "cache": str(cache_dir),
+         "identity": run_identity(config, rows, passages)},
     )
     return report
+
+
+# Settings that change how a run goes, never what it writes.
+_RUN_ONLY = {"data", "corpus", "output", "device", "progress", "embed_only", "overwrite", "use_gpu", "chunk_size",
+             "batch_size", "query_batch"}
+
+
+def run_identity(config: MineConfig, rows: Sequence[Row], passages: Sequence[Passage]) -> dict[str, Any]:
+    """What a shard's mined rows are a function of: the settings and the contents of data and corpus."""
+    data = hashlib.sha256()
+    for row in rows:
+        data.update(json.dumps([row["query"], row["positive"], row.get("negatives"), row.get("instruction")],
+                               ensure_ascii=False).encode())
+    corpus = hashlib.sha256("\n".join(p.text_hash for p in passages).encode())
+    return {"settings": config.model_dump(exclude=_RUN_ONLY), "data_sha256": data.hexdigest(),
+            "corpus_sha256": corpus.hexdigest()}
+
+
+def check_rerun(config: MineConfig, rows: Sequence[Row], passages: Sequence[Passage]) -> None:
+    """A shard mined before from other data or settings is replaced only under `overwrite`."""
+    tag = (config.shard_index, config.num_shards)
+    mined = Path(config.output) / shard_name("mined", *tag)
+    if config.overwrite or not mined.exists():
+        return
+    report_path = Path(config.output) / shard_name("mine_report", *tag, suffix="json")
+    previous = read_json_file(report_path) if report_path.exists() else {}
+    old = previous.get("identity") or {} if isinstance(previous, dict) else {}
+    new = run_identity(config, rows, passages)
+    changed = [k for k in ("data_sha256", "corpus_sha256") if old.get(k) != new[k]]
+    changed += [k for k, v in new["settings"].items() if old.get("settings", {}).get(k, v) != v]
+    if changed or not old:
+        what = ", ".join(k.removesuffix("_sha256") for k in changed) or "unknown settings"
+        raise InputError(f"holds rows mined from other inputs or settings ({what}); pass --overwrite to "
+                         "replace them or choose another output", path=str(mined))
 
 
 def _truncate(vectors: np.ndarray, dim: int) -> np.ndarray:
@@ -416,17 +452,28 @@ def mine(config: MineConfig) -> MineOutcome:
     No negatives, many rows short of K, or a margin that dropped most candidates are not errors:
     each is a warning in the outcome that says which setting to look at.
     """
-    from embedforge.data_synth.filtering import read_pairs
-    from embedforge.data_synth.models import load_embedder, resolve_model
-
     for name, what in (("model", "the embedder to mine with"), ("corpus", "the passages to mine from"),
                        ("output", "the output folder")):
         if not getattr(config, name):
             raise ConfigError(f"mine: `{name}` is not set ({what})")
     if not config.data and not config.embed_only:
         raise ConfigError("mine: `data` is not set (pairs JSONL file(s) or synth/filter output folder(s))")
-    passages = load_mine_corpus(config.corpus)
+    check_output(config.output, [*(config.data or []), config.corpus, config.model, config.reranker],
+                 resumable=True)
+    with output_lock(Path(config.output) / shard_name("mined", config.shard_index, config.num_shards)):
+        return _mine_locked(config)
+
+
+def _mine_locked(config: MineConfig) -> MineOutcome:
+    from embedforge.data_synth.filtering import read_pairs
+    from embedforge.data_synth.models import load_embedder, resolve_model
+
+    passages = load_mine_corpus(config.corpus)  # bad input fails before a model loads
     rows = [] if config.embed_only else read_pairs(config.data)[0]
+    if not rows and not config.embed_only:
+        raise InputError("no rows to mine negatives for", path=", ".join(config.data))
+    if not config.embed_only:
+        check_rerun(config, rows, passages)
     embedder = load_embedder(config.model, config.device)
     reranker = None
     if config.reranker:
@@ -456,7 +503,7 @@ def mine(config: MineConfig) -> MineOutcome:
             read_provenance(*(config.data or []), config.corpus),
             "mine",
             model=config.model,
-            settings=config.model_dump(exclude={"data", "corpus", "output", "device", "progress"}),
+            settings=config.model_dump(exclude={"data", "corpus", "output", "device", "progress", "overwrite"}),
             corpus=len(passages),
             counts=outcome.metrics(),
             warnings=outcome.warnings,
@@ -466,7 +513,8 @@ def mine(config: MineConfig) -> MineOutcome:
 
 def _warn(outcome: MineOutcome, config: MineConfig) -> None:
     if outcome.rows == 0:
-        outcome.warn("mine: the data holds no rows")
+        outcome.warn(f"mine: shard {config.shard_index} of {config.num_shards} got no rows (the data has fewer "
+                     "rows than shards)")
         return
     margin_share = outcome.dropped_false_negative_margin / max(1, outcome.candidates)
     why = (f"the margin ({config.margin:g}) dropped {outcome.dropped_false_negative_margin} of "

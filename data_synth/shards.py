@@ -4,17 +4,20 @@ Each finished passage is one line, or one group of lines when a call wrote sever
 it, written with a single `write`, flushed and fsynced before the next. A kill can therefore
 tear only the last line or group; reopening truncates a torn tail (a partial line, or a group
 with fewer lines than it declares), so the passage is redone once: never duplicated, never lost.
-The set of passage ids already in the shard is what a resumed run skips.
+The set of passage ids already in the shard is what a resumed run skips. A run that finishes
+rewrites its shard in corpus order (`rewrite_in_order`), atomically.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import re
 from pathlib import Path
 from typing import Any
 
-from embedforge.errors import InputError
+from embedforge.errors import ConfigError, InputError
+from embedforge.io import atomic_path, read_json_file, write_json
 
 
 def shard_name(prefix: str, shard_index: int, num_shards: int, suffix: str = "jsonl") -> str:
@@ -101,3 +104,58 @@ class AppendOnlyShard:
 
     def close(self) -> None:
         self._fh.close()
+
+
+def rewrite_in_order(path: Path, position: dict[str, int]) -> bool:
+    """Rewrite a finished shard with its rows in corpus order (a group keeps its own order), so the
+    file, and every stage after it, no longer depends on the order the replies arrived in.
+    Returns whether anything moved; the rewrite is atomic."""
+    rows, _ = recover_jsonl(path)
+    last = len(position)
+    ordered = sorted(rows, key=lambda r: (position.get(r["passage_id"], last), r["passage_id"]))
+    if ordered == rows:
+        return False
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as fh:
+        fh.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in ordered)
+        fh.flush()
+        os.fsync(fh.fileno())
+    return True
+
+
+LAYOUT_FILE = "layout.json"
+_SHARD_FILE = re.compile(r"^(?:pairs|failed|manifest)-\d{5}-of-(\d{5})\.jsonl?$")
+
+
+def layouts_in(folder: Path) -> set[int]:
+    """The shard counts (`num_shards`) that files in a synth output folder were written under."""
+    found = {int(m[1]) for p in folder.iterdir() if (m := _SHARD_FILE.match(p.name))} if folder.is_dir() else set()
+    marker = folder / LAYOUT_FILE
+    if marker.is_file():
+        recorded = read_json_file(marker)
+        if not isinstance(recorded, dict) or not isinstance(recorded.get("num_shards"), int):
+            raise InputError("expected {\"num_shards\": N}", path=str(marker), field="num_shards")
+        found.add(recorded["num_shards"])
+    return found
+
+
+def claim_layout(folder: Path, num_shards: int) -> None:
+    """Record the shard layout of a synth output folder, or refuse a different one.
+
+    Shards of two layouts would overlap (a passage belongs to one shard of each), and per-shard
+    locks cannot stop two layouts from generating the same passage at once; readers of the folder
+    take every `pairs-*` file. The check and the record happen under a lock that each starting
+    shard holds for a moment (it waits, never refuses), so shards launched together all pass."""
+    import fcntl
+
+    folder.mkdir(parents=True, exist_ok=True)
+    with open(folder / f".{LAYOUT_FILE}.lock", "a", encoding="utf-8") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        other = sorted(layouts_in(folder) - {num_shards})
+        if other:
+            n = other[0]
+            raise ConfigError(
+                f"{folder}: holds the shards of a {n}-shard layout (*-of-{n:05d}.*), not {num_shards}; resume "
+                f"with --num-shards {n}, or write the new layout to another output folder"
+            )
+        if not (folder / LAYOUT_FILE).exists():
+            write_json(folder / LAYOUT_FILE, {"num_shards": num_shards})

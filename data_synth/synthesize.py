@@ -4,7 +4,6 @@ their coverage and quality report, and the provenance record the next stage read
 from __future__ import annotations
 
 import hashlib
-import json
 import logging
 from pathlib import Path
 from typing import Any
@@ -15,8 +14,9 @@ from embedforge.data_synth.backends.base import Backend
 from embedforge.data_synth.generate import SynthConfig, SynthesisRun, resolve_strategy
 from embedforge.data_synth.models import load_embedder, resolve_model
 from embedforge.data_synth.quality import quality_summary
+from embedforge.data_synth.shards import claim_layout, shard_name
 from embedforge.errors import ConfigError
-from embedforge.io import atomic_path, write_json
+from embedforge.io import atomic_path, check_output, output_lock, read_json_file, write_json
 from embedforge.outcome import StageOutcome
 from embedforge.provenance import read_provenance, write_provenance
 
@@ -101,15 +101,28 @@ def synthesize(config: SynthConfig, *, backend: Backend | None = None) -> Synthe
         backend: an already built generator to use instead of the one the config names: a client
             configured in code, or `backends.scripted.ScriptedBackend` to try the stage without a model.
 
-    Rerunning with the same config resumes: finished passages are skipped.
+    Rerunning with the same config resumes: finished passages are skipped. Shards of one layout may
+    run at once into the same folder; a second writer of the same shard is refused.
     """
     from embedforge.data_synth.corpus import hf_spans, load_corpus, word_spans
-    from embedforge.data_synth.personas import PersonaRetriever, hashed_bag_of_words, load_personas
+    from embedforge.data_synth.personas import load_personas
 
     corpus = _required(config.corpus, "corpus", "a JSONL, Parquet file or folder of .txt/.md")
     output = Path(_required(config.output, "output", "the folder to write pairs into"))
+    check_output(output, [corpus, config.personas, config.prompts_dir], resumable=True)
     spans = hf_spans(resolve_model(config.tokenizer)) if config.tokenizer else word_spans
     passages = load_corpus(corpus, chunk_tokens=config.chunk_tokens, overlap=config.overlap, spans=spans)
+    personas = load_personas(config.personas)  # bad input fails before anything is written or loaded
+    claim_layout(output, config.num_shards)
+    lock = shard_name("manifest", config.shard_index, config.num_shards, suffix="json")
+    with output_lock(output / lock):  # one writer per shard; the shards of a layout run side by side
+        return _synthesize_locked(config, corpus, output, passages, personas, backend)
+
+
+def _synthesize_locked(config: SynthConfig, corpus: str, output: Path, passages: list, personas: list,
+                       backend: Backend | None) -> SynthesisOutcome:
+    from embedforge.data_synth.personas import PersonaRetriever, hashed_bag_of_words
+
     owned = backend is None
     backend = backend if backend is not None else build_backend(config)
     embedders: dict[str, Any] = {}
@@ -123,7 +136,7 @@ def synthesize(config: SynthConfig, *, backend: Backend | None = None) -> Synthe
         retriever = None
         if "retrieval" in config.tasks and resolve_strategy(config.strategy, backend) == "persona":
             encode = embedder(config.persona_embedder).encode if config.persona_embedder else hashed_bag_of_words
-            retriever = PersonaRetriever(load_personas(config.personas), encode, top_k=config.persona_top_k)
+            retriever = PersonaRetriever(personas, encode, top_k=config.persona_top_k)
         run = SynthesisRun(config, backend, output, retriever, show_progress=config.progress)
         corpus_info = corpus_fingerprint(config, passages)
         report = run.run(passages, corpus_info)
@@ -135,7 +148,7 @@ def synthesize(config: SynthConfig, *, backend: Backend | None = None) -> Synthe
     from embedforge.data_synth.shards import read_finished_rows
 
     rows = [row for path in sorted(output.glob("pairs-*.jsonl")) for row in read_finished_rows(path)]
-    reports = [json.loads(m.read_text(encoding="utf-8"))["report"] for m in sorted(output.glob("manifest-*.json"))]
+    reports = [read_json_file(m)["report"] for m in sorted(output.glob("manifest-*.json"))]
     quality = quality_summary(rows, reports, embedder(config.judge) if config.judge and rows else None)
     write_json(output / "quality.json", quality)
     with atomic_path(output / "coverage.md") as tmp:

@@ -12,7 +12,8 @@ from typing import Any, TypeVar
 import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from embedforge.errors import ConfigError
+from embedforge.errors import ConfigError, InputError
+from embedforge.io import read_text_file
 
 T = TypeVar("T", bound=BaseModel)
 
@@ -73,12 +74,18 @@ def load_yaml(path: str | os.PathLike) -> dict[str, Any]:
     if not os.path.exists(path):
         raise ConfigError(f"{path}: file not found")
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        text = read_text_file(path)
+    except InputError as exc:  # bad bytes, located by line
+        raise ConfigError(str(exc)) from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
-        where = f":{mark.line + 1}" if mark is not None else ""
-        raise ConfigError(f"{path}{where}: invalid YAML ({getattr(exc, 'problem', exc)})") from None
+        line = mark.line + 1 if mark is not None else None
+        if isinstance(exc, yaml.reader.ReaderError):  # a control character: located by offset
+            line = text.count("\n", 0, exc.position) + 1
+        problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+        raise ConfigError(f"{path}{f':{line}' if line else ''}: invalid YAML ({problem})") from None
     if data is None:
         return {}
     if not isinstance(data, dict):

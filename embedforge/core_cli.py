@@ -27,6 +27,7 @@ def register(subparsers) -> None:
     p.add_argument("--field", default="text", help="JSON field holding the text (default: text)")
     p.add_argument("--instruction", default=None, help="task instruction for queries (omit for documents)")
     p.add_argument("--dim", type=int, default=None, help="Matryoshka width to truncate to")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run_embed)
 
     p = subparsers.add_parser(
@@ -40,44 +41,54 @@ def register(subparsers) -> None:
     p.add_argument("--field", default="text")
     p.add_argument("--instruction", default=None)
     p.add_argument("--output", default=None, help="JSONL to write (default: stdout)")
+    p.add_argument("--overwrite", action="store_true", help="replace an existing output file")
     p.set_defaults(func=run_rerank)
 
 
 def run_embed(args) -> int:
-    import numpy as np
-
-    from embedforge.embedder import Embedder
     from embedforge.errors import InputError
-    from embedforge.io import atomic_path, read_texts
+    from embedforge.io import atomic_path, check_output, output_lock, read_texts
 
-    texts = read_texts(args.input, field=args.field)
-    if not texts:
-        raise InputError("no texts", path=args.input)
-    embedder = Embedder.from_pretrained(args.model, dtype=args.dtype, device=args.device)
-    vectors = embedder.encode(texts, instruction=args.instruction, dim=args.dim, batch_size=args.batch_size,
-                              max_length=args.max_length, show_progress=sys.stderr.isatty())
-    with atomic_path(args.output) as tmp, open(tmp, "wb") as fh:
-        np.save(fh, vectors)
+    check_output(args.output, [args.input, args.model], overwrite=args.overwrite)
+    with output_lock(args.output):
+        texts = read_texts(args.input, field=args.field)  # bad input fails before a model loads
+        if not texts:
+            raise InputError("no texts", path=args.input)
+        import numpy as np
+
+        from embedforge.embedder import Embedder
+
+        embedder = Embedder.from_pretrained(args.model, dtype=args.dtype, device=args.device)
+        vectors = embedder.encode(texts, instruction=args.instruction, dim=args.dim, batch_size=args.batch_size,
+                                  max_length=args.max_length, show_progress=sys.stderr.isatty())
+        with atomic_path(args.output) as tmp, open(tmp, "wb") as fh:
+            np.save(fh, vectors)
     print(f"wrote {vectors.shape[0]} x {vectors.shape[1]} float32 to {args.output}", file=sys.stderr)
     return 0
 
 
 def run_rerank(args) -> int:
-    from embedforge.errors import InputError
-    from embedforge.io import atomic_path, read_texts
-    from embedforge.reranker import Reranker
+    import contextlib
 
-    docs = read_texts(args.input, field=args.field)
-    if not docs:
-        raise InputError("no documents", path=args.input)
-    reranker = Reranker.from_pretrained(args.model, dtype=args.dtype, device=args.device,
-                                        **({"max_length": args.max_length} if args.max_length else {}))
-    scores = reranker.score(args.query, docs, instruction=args.instruction, batch_size=args.batch_size)
-    lines = [json.dumps({"index": i, "score": float(s), "text": d}, ensure_ascii=False)
-             for i, (s, d) in enumerate(zip(scores, docs))]
+    from embedforge.errors import InputError
+    from embedforge.io import atomic_path, check_output, output_lock, read_texts
+
     if args.output:
-        with atomic_path(args.output) as tmp:
-            tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
-    else:
-        print("\n".join(lines))
+        check_output(args.output, [args.input, args.model], overwrite=args.overwrite)
+    with output_lock(args.output) if args.output else contextlib.nullcontext():
+        docs = read_texts(args.input, field=args.field)
+        if not docs:
+            raise InputError("no documents", path=args.input)
+        from embedforge.reranker import Reranker
+
+        reranker = Reranker.from_pretrained(args.model, dtype=args.dtype, device=args.device,
+                                            **({"max_length": args.max_length} if args.max_length else {}))
+        scores = reranker.score(args.query, docs, instruction=args.instruction, batch_size=args.batch_size)
+        lines = [json.dumps({"index": i, "score": float(s), "text": d}, ensure_ascii=False)
+                 for i, (s, d) in enumerate(zip(scores, docs))]
+        if args.output:
+            with atomic_path(args.output) as tmp:
+                tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+            return 0
+    print("\n".join(lines))
     return 0

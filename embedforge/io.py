@@ -23,32 +23,104 @@ from typing import Any
 
 from embedforge.errors import ConfigError, InputError
 
+# A line longer than this is refused before it is held in memory whole (a file without newlines
+# would otherwise be read at once); EMBEDFORGE_MAX_LINE_MB raises it.
+DEFAULT_MAX_LINE_MB = 64
 
-def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
-    """Yield (line_number, JSON value) for each non-blank line; a bad line raises InputError."""
-    path = str(path)
+
+def max_line_bytes() -> int:
+    """The longest line a JSON-lines reader accepts, in bytes."""
+    raw = os.environ.get("EMBEDFORGE_MAX_LINE_MB", "")
+    try:
+        return int(float(raw) * (1 << 20)) if raw.strip() else DEFAULT_MAX_LINE_MB << 20
+    except ValueError:
+        raise ConfigError(f"EMBEDFORGE_MAX_LINE_MB={raw!r}: expected a number of MiB") from None
+
+
+def _existing_file(path: str) -> None:
     if not os.path.exists(path):
         raise InputError("file not found", path=path)
     if os.path.isdir(path):
         raise InputError("expected a file, got a folder", path=path)
+
+
+def iter_raw_lines(path: str | os.PathLike) -> Iterator[tuple[int, bytes]]:
+    """(line_number, bytes) of each line, a line longer than `max_line_bytes()` refused unread."""
+    path = str(path)
+    _existing_file(path)
+    limit = max_line_bytes()
     with open(path, "rb") as fh:
-        for number, raw in enumerate(fh, start=1):
-            line = decode_line(raw, path, number)
-            if not line.strip():
-                continue
-            try:
-                yield number, json.loads(line)
-            except json.JSONDecodeError as exc:
-                raise InputError(f"invalid JSON ({exc.msg} at column {exc.colno})", path=path, line=number) from None
+        number = 0
+        while raw := fh.readline(limit + 1):
+            number += 1
+            if len(raw) > limit and not raw.endswith(b"\n"):
+                raise InputError(f"line longer than {limit / (1 << 20):g} MiB; split the text or raise "
+                                 "EMBEDFORGE_MAX_LINE_MB", path=path, line=number)
+            yield number, raw
+
+
+def iter_text_lines(path: str | os.PathLike) -> Iterator[tuple[int, str]]:
+    """(line_number, text) of each line of a UTF-8 text file, bad bytes located."""
+    for number, raw in iter_raw_lines(path):
+        yield number, decode_line(raw, str(path), number)
+
+
+def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
+    """Yield (line_number, JSON value) for each non-blank line; a bad line raises InputError."""
+    path = str(path)
+    for number, line in iter_text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            yield number, json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise InputError(f"invalid JSON ({exc.msg} at column {exc.colno})", path=path, line=number) from None
+        except RecursionError:
+            raise InputError("invalid JSON (nested too deeply)", path=path, line=number) from None
 
 
 def decode_line(raw: bytes, path: str, line: int) -> str:
-    """UTF-8 text of one line, or an InputError naming the file, the line and the bad byte."""
+    """UTF-8 text of one line, or an InputError naming the file, the line and the bad byte.
+    A byte-order mark opening the file is dropped (editors on Windows write one)."""
     try:
-        return raw.decode("utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise InputError(f"not valid UTF-8 (byte 0x{raw[exc.start]:02x} at column {exc.start + 1})",
                          path=path, line=line) from None
+    return text[1:] if line == 1 and text.startswith("\ufeff") else text
+
+
+def read_text_file(path: str | os.PathLike) -> str:
+    """A whole UTF-8 text file; bad bytes raise an InputError naming their line and column."""
+    path = str(path)
+    _existing_file(path)
+    with open(path, "rb") as fh:
+        data = fh.read()
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line_start = data.rfind(b"\n", 0, exc.start) + 1
+        raise InputError(f"not valid UTF-8 (byte 0x{data[exc.start]:02x} at column {exc.start - line_start + 1})",
+                         path=path, line=data.count(b"\n", 0, exc.start) + 1) from None
+    return text.removeprefix("\ufeff")
+
+
+def read_json_file(path: str | os.PathLike) -> Any:
+    """A whole JSON file (results, manifests, trails); bad bytes or bad JSON name file and line."""
+    path = str(path)
+    text = read_text_file(path)
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise InputError(f"invalid JSON ({exc.msg} at column {exc.colno})", path=path, line=exc.lineno) from None
+    except RecursionError:
+        raise InputError("invalid JSON (nested too deeply)", path=path) from None
+
+
+def brief(value: Any, limit: int = 60) -> str:
+    """repr of a value for an error message, cut to `limit` characters (a line may be megabytes)."""
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit - 12]}...({len(text)} chars)"
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:
