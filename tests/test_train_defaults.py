@@ -159,3 +159,16 @@ def test_a_language_model_is_pooled_at_its_last_real_token_and_an_embedder_as_it
     embedder_folder = Embedder.from_pretrained(tiny_qwen3_embedder_noeos).save_pretrained(tmp_path / "embedder")
     kept = train(config(embedder_folder, data, tmp_path / "kept", max_steps=1))
     assert "pooling at the appended '<|endoftext|>' (as the embedder folder declares)" in kept.decisions
+
+
+def test_cli_prints_decisions_and_warnings_and_strict_fails_on_them(tiny_qwen3_embedder, tmp_path, capsys):
+    from embedforge.cli import main
+
+    data = write_toy(tmp_path / "train.jsonl", 40)
+    collapsed = _constant_backbone(tiny_qwen3_embedder, tmp_path / "constant")
+    flags = ["--model", str(collapsed), "--data", data, "--full", "--max-steps", "6", "--lr", "1e-6",
+             "--set", "save_steps=0", "--set", "progress_bar=false"]
+    assert main(["train", *flags, "--output", str(tmp_path / "a")]) == 0
+    err = capsys.readouterr().err
+    assert "chose 6 steps: max_steps" in err and "WARNING: embeddings collapsed" in err
+    assert main(["train", *flags, "--output", str(tmp_path / "b"), "--strict"]) == 3

@@ -9,6 +9,7 @@ import argparse
 import sys
 
 INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped on request, checkpoint written, rerun to resume
+STRICT_EXIT_CODE = 3  # --strict and the run produced nothing useful (TrainResult.warnings)
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -25,6 +26,8 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, help="global contrastive batch (rows) over all processes")
     parser.add_argument("--mini-batch-size", type=int, help="texts per forward (GradCache chunk)")
     parser.add_argument("--lr", type=float)
+    parser.add_argument("--strict", action="store_true",
+                        help="exit with status 3 when the run produced nothing useful (collapse, loss at chance, no step)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any recipe key, e.g. --set loss.temperature=0.05 (repeatable)")
 
@@ -52,6 +55,9 @@ def run_train(args: argparse.Namespace) -> int:
     print(f"embedforge train: {result.steps} steps; model in {result.final_dir}", file=sys.stderr)
     for message in result.warnings:
         print(f"embedforge train: WARNING: {message}", file=sys.stderr)
+    if result.warnings and getattr(args, "strict", False):
+        print("embedforge train: --strict: failing on the warnings above", file=sys.stderr)
+        return STRICT_EXIT_CODE
     return 0
 
 
