@@ -159,7 +159,7 @@ def read_texts(path: str | os.PathLike, field: str = "text") -> list[str]:
     return texts
 
 
-def _temp_prefix(final: Path) -> str:
+def temp_prefix(final: Path) -> str:
     return f".{final.name}.{os.getpid()}."
 
 
@@ -201,7 +201,7 @@ def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
     final = Path(path)
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(final)
-    fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(final), suffix=".tmp", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(final), suffix=".tmp", dir=final.parent)
     os.close(fd)
     os.chmod(tmp, 0o644)  # mkstemp makes owner-only files; outputs are meant to be shared like folders
     try:
@@ -225,13 +225,13 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
         raise InputError("output folder exists; pass --overwrite to replace it", path=str(final))
     final.parent.mkdir(parents=True, exist_ok=True)
     clean_stale_temporaries(final)
-    tmp = Path(tempfile.mkdtemp(prefix=_temp_prefix(final), suffix=".tmp", dir=final.parent))
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final), suffix=".tmp", dir=final.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes owner-only folders; outputs are meant to be shared
     try:
         with disk_errors(final):
             yield tmp
             if final.exists():
-                old = final.with_name(f"{_temp_prefix(final)}old.tmp")
+                old = final.with_name(f"{temp_prefix(final)}old.tmp")
                 shutil.rmtree(old, ignore_errors=True)
                 os.replace(final, old)
                 os.replace(tmp, final)

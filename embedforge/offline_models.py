@@ -9,13 +9,16 @@ Every builder writes atomically into a cache folder and returns the existing one
 from __future__ import annotations
 
 import base64
+import contextlib
 import importlib.util
 import os
 import shutil
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 from embedforge.errors import ModelLoadError
+from embedforge.io import clean_stale_temporaries, temp_prefix
 
 # Qwen3's added tokens, in id order from 151643 (tokenizer_config.json of every Qwen3 model).
 QWEN3_SPECIAL_TOKENS = (
@@ -48,14 +51,27 @@ def _package_dir(module: str, install_hint: str) -> Path:
     return Path(next(iter(spec.submodule_search_locations)))
 
 
+@contextlib.contextmanager
+def _building(final: Path) -> Iterator[Path]:
+    """A temporary folder beside `final` that becomes it when the block succeeds and is removed
+    when it fails (a missing optional package leaves no half-built model behind). Temporaries of
+    killed builders are named after their process and removed by the next build."""
+    final.parent.mkdir(parents=True, exist_ok=True)
+    clean_stale_temporaries(final)
+    tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final), suffix=".tmp", dir=final.parent))
+    try:
+        yield tmp
+        _publish(tmp, final)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
 def _publish(tmp: Path, final: Path) -> Path:
     """Move a finished folder into place; a concurrent builder that won the race is kept."""
-    final.parent.mkdir(parents=True, exist_ok=True)
     os.chmod(tmp, 0o755)  # mkdtemp makes 0700 folders; a model folder is meant to be shared
     try:
         os.replace(tmp, final)
     except OSError:
-        shutil.rmtree(tmp, ignore_errors=True)
         if not (final / "config.json").exists() and not (final / "tokenizer.json").exists():
             raise
     return final
@@ -74,10 +90,8 @@ def build_qwen_tokenizer(eos_postprocessor: bool = False):
     if (cached / "tokenizer.json").exists():
         return PreTrainedTokenizerFast.from_pretrained(cached)
     tokenizer = _convert_qwen_tokenizer(eos_postprocessor)
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=cached.parent))
-    tokenizer.save_pretrained(tmp)
-    _publish(tmp, cached)
+    with _building(cached) as tmp:
+        tokenizer.save_pretrained(tmp)
     return tokenizer
 
 
@@ -180,14 +194,15 @@ def build_tiny_qwen3(
         eos_token_id=QWEN3_FIRST_SPECIAL_ID + 2 if causal_lm else QWEN3_FIRST_SPECIAL_ID,
         pad_token_id=QWEN3_FIRST_SPECIAL_ID,
     )
+    tokenizer = build_qwen_tokenizer(eos_postprocessor=eos_postprocessor)  # needs qwen-tokenizer: fail first
     torch.manual_seed(seed)
     model = (Qwen3ForCausalLM if causal_lm else Qwen3Model)(config)
     with torch.no_grad():  # a larger init spread than 0.02 so random embeddings are not all alike
         model.get_input_embeddings().weight.normal_(0, 0.5)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent if out.parent.exists() else None))
-    model.save_pretrained(tmp, safe_serialization=True)
-    build_qwen_tokenizer(eos_postprocessor=eos_postprocessor).save_pretrained(tmp)
-    return _publish(tmp, out)
+    with _building(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out
 
 
 def smollm2_gguf_path() -> Path:
@@ -212,11 +227,10 @@ def smollm2_folder(cache_dir: str | os.PathLike | None = None) -> Path:
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=".tmp-", dir=out.parent))
-    model.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    return _publish(tmp, out)
+    with _building(out) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tokenizer.save_pretrained(tmp)
+    return out
 
 
 def minilm_folder() -> Path:

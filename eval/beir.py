@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedforge.errors import InputError
-from embedforge.io import atomic_dir, iter_jsonl, require_str
+from embedforge.io import atomic_dir, brief, iter_jsonl, iter_text_lines, require_str
 
 
 @dataclass
@@ -37,7 +37,7 @@ def _read_id(obj: dict, path: str, line: int) -> str:
     if isinstance(value, int) and not isinstance(value, bool):
         value = str(value)
     if not isinstance(value, str) or not value.strip():
-        raise InputError(f"expected a non-empty string id, got {value!r}", path=path, line=line, field="_id")
+        raise InputError(f"expected a non-empty string id, got {brief(value)}", path=path, line=line, field="_id")
     return value
 
 
@@ -48,7 +48,7 @@ def read_corpus(path: str | os.PathLike) -> dict[str, str]:
     for line, obj in iter_jsonl(path):
         doc_id = _read_id(obj, path, line)
         if doc_id in corpus:
-            raise InputError(f"duplicate _id {doc_id!r} (first at line {first_line[doc_id]})",
+            raise InputError(f"duplicate _id {brief(doc_id)} (first at line {first_line[doc_id]})",
                              path=path, line=line, field="_id")
         title = obj.get("title") or ""
         if not isinstance(title, str):
@@ -68,7 +68,7 @@ def read_queries(path: str | os.PathLike) -> dict[str, str]:
     for line, obj in iter_jsonl(path):
         query_id = _read_id(obj, path, line)
         if query_id in queries:
-            raise InputError(f"duplicate _id {query_id!r} (first at line {first_line[query_id]})",
+            raise InputError(f"duplicate _id {brief(query_id)} (first at line {first_line[query_id]})",
                              path=path, line=line, field="_id")
         queries[query_id] = require_str(obj, "text", path=path, line=line)
         first_line[query_id] = line
@@ -83,43 +83,40 @@ def read_qrels(
     """`query-id <TAB> corpus-id <TAB> score` rows (a header row is optional); ids are checked
     against queries and corpus when given."""
     path = str(path)
-    if not os.path.exists(path):
-        raise InputError("file not found", path=path)
     qrels: dict[str, dict[str, int]] = {}
     seen_rows = False
-    with open(path, encoding="utf-8") as fh:
-        for line, raw in enumerate(fh, start=1):
-            if not raw.strip():
-                continue
-            cols = raw.rstrip("\r\n").split("\t")
-            if len(cols) == 4:  # TREC format: qid iteration docid grade
-                cols = [cols[0], cols[2], cols[3]]
-            if len(cols) != 3:
-                raise InputError(f"expected 3 tab-separated columns (query-id, corpus-id, score), got {len(cols)}",
-                                 path=path, line=line)
-            query_id, doc_id, grade_text = (c.strip() for c in cols)
-            try:
-                grade = int(grade_text)
-            except ValueError:
-                if not seen_rows and grade_text.lower() in ("score", "relevance", "grade"):
-                    seen_rows = True
-                    continue  # the header row
-                raise InputError(f"relevance grade must be an integer, got {grade_text!r}",
-                                 path=path, line=line, field="score") from None
-            seen_rows = True
-            if not query_id or not doc_id:
-                raise InputError("empty id", path=path, line=line, field="query-id" if not query_id else "corpus-id")
-            if queries is not None and query_id not in queries:
-                raise InputError(f"query id {query_id!r} is not in queries.jsonl", path=path, line=line,
-                                 field="query-id")
-            if corpus is not None and doc_id not in corpus:
-                raise InputError(f"corpus id {doc_id!r} is not in corpus.jsonl", path=path, line=line,
-                                 field="corpus-id")
-            judged = qrels.setdefault(query_id, {})
-            if doc_id in judged and judged[doc_id] != grade:
-                raise InputError(f"({query_id!r}, {doc_id!r}) is judged twice with different grades "
-                                 f"({judged[doc_id]} and {grade})", path=path, line=line)
-            judged[doc_id] = grade
+    for line, raw in iter_text_lines(path):
+        if not raw.strip():
+            continue
+        cols = raw.rstrip("\r\n").split("\t")
+        if len(cols) == 4:  # TREC format: qid iteration docid grade
+            cols = [cols[0], cols[2], cols[3]]
+        if len(cols) != 3:
+            raise InputError(f"expected 3 tab-separated columns (query-id, corpus-id, score), got {len(cols)}",
+                             path=path, line=line)
+        query_id, doc_id, grade_text = (c.strip() for c in cols)
+        try:
+            grade = int(grade_text)
+        except ValueError:
+            if not seen_rows and grade_text.lower() in ("score", "relevance", "grade"):
+                seen_rows = True
+                continue  # the header row
+            raise InputError(f"relevance grade must be an integer, got {brief(grade_text)}",
+                             path=path, line=line, field="score") from None
+        seen_rows = True
+        if not query_id or not doc_id:
+            raise InputError("empty id", path=path, line=line, field="query-id" if not query_id else "corpus-id")
+        if queries is not None and query_id not in queries:
+            raise InputError(f"query id {brief(query_id)} is not in queries.jsonl", path=path, line=line,
+                             field="query-id")
+        if corpus is not None and doc_id not in corpus:
+            raise InputError(f"corpus id {brief(doc_id)} is not in corpus.jsonl", path=path, line=line,
+                             field="corpus-id")
+        judged = qrels.setdefault(query_id, {})
+        if doc_id in judged and judged[doc_id] != grade:
+            raise InputError(f"({brief(query_id)}, {brief(doc_id)}) is judged twice with different grades "
+                             f"({judged[doc_id]} and {grade})", path=path, line=line)
+        judged[doc_id] = grade
     if not qrels:
         raise InputError("no judgments", path=path)
     return qrels

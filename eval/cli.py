@@ -41,6 +41,8 @@ def register(subparsers) -> None:
     add_config_flags(p, EvalConfig, skip=("meta",))
     p.add_argument("--meta", dest="meta_pairs", type=_meta_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="extra fields recorded under 'meta' (e.g. merge_t=0.5 for the merge plot); repeatable")
+    p.add_argument("--strict", action="store_true",
+                   help="exit with status 2 on a warning (too few queries, a score that does not clear random)")
     p.set_defaults(func=run_eval)
 
     p = subparsers.add_parser(
@@ -64,6 +66,11 @@ def run_eval(args) -> int:
     for warning in outcome.warnings:
         print(f"warning: {warning}", file=sys.stderr)
     print(outcome.summary(), file=sys.stderr)
+    if args.strict and outcome.warnings:
+        from embedforge.errors import EmbedforgeError
+
+        raise EmbedforgeError(f"stopped by --strict: {len(outcome.warnings)} warning(s), the first: "
+                              f"{outcome.warnings[0]}")
     return 0
 
 

@@ -39,6 +39,7 @@ class EvalConfig(StatisticsFields):
     data: str | None = Field(None, description="BEIR folder (corpus.jsonl, queries.jsonl, qrels/<split>.tsv)")
     mteb: list[str] | None = Field(None, description="mteb task names and/or local BEIR folders (instead of data)")
     output: str | None = Field(None, description="results JSON to write")
+    overwrite: bool = Field(False, description="replace an existing results file")
     mteb_output: str | None = Field(None, description="folder for mteb's own result files; unset: "
                                                       "<output stem>-mteb beside output")
     split: str = Field("test", description="qrels split")
@@ -86,6 +87,7 @@ class ReportConfig(StatisticsFields):
 
     results: list[str] = Field(default_factory=list, description="results JSON files, in pipeline order")
     output: str | None = Field(None, description="markdown file to write; unset: print")
+    overwrite: bool = Field(False, description="replace an existing markdown file")
     plots_dir: str | None = Field(None, description="folder for PNG plots")
     metric: str = Field("ndcg_at_10", description="headline metric of the summary table and the plots")
     baseline: str | None = Field(None, description="label or file of the result the others are compared with; "

@@ -9,7 +9,6 @@ is read from `meta.merge_t` (set with `embedforge eval --meta merge_t=0.5`) or a
 
 from __future__ import annotations
 
-import json
 import os
 from collections import defaultdict
 from pathlib import Path
@@ -21,7 +20,7 @@ from embedforge.errors import InputError
 from embedforge.eval.config import ReportConfig
 from embedforge.eval.metrics import METRIC_KEYS
 from embedforge.eval.stats import CONFIDENCE, N_RESAMPLES, SEED
-from embedforge.io import atomic_path
+from embedforge.io import atomic_path, check_output, output_lock, read_json_file
 from embedforge.outcome import StageOutcome
 
 METRIC_TITLES = {
@@ -37,12 +36,7 @@ def load_results(paths: list[str | os.PathLike]) -> list[dict[str, Any]]:
     results = []
     for path in paths:
         path = str(path)
-        if not os.path.exists(path):
-            raise InputError("file not found", path=path)
-        try:
-            obj = json.loads(Path(path).read_text(encoding="utf-8"))
-        except json.JSONDecodeError as exc:
-            raise InputError(f"invalid JSON ({exc.msg} at line {exc.lineno})", path=path) from None
+        obj = read_json_file(path)
         if not isinstance(obj, dict) or not ("metrics" in obj or "mteb" in obj):
             raise InputError("not an embedforge results file (no 'metrics' or 'mteb')", path=path)
         if "metrics" in obj:
@@ -274,7 +268,18 @@ def report(config: ReportConfig) -> ReportOutcome:
         >>> report(ReportConfig(results=["base.json", "trained.json", "merged.json"], output="report.md"))
     """
     config.check_ready()
-    out = write_report(config.results, output=config.output, plots_dir=config.plots_dir, metric=config.metric,
-                       baseline=config.baseline, confidence=config.confidence, n_resamples=config.n_resamples,
-                       seed=config.seed)
+    if config.plots_dir:
+        check_output(config.plots_dir, config.results, resumable=True)  # plots are redrawn in place
+    if config.output is None:
+        out = _write(config)
+    else:
+        check_output(config.output, config.results, overwrite=config.overwrite)
+        with output_lock(config.output):
+            out = _write(config)
     return ReportOutcome(output=config.output or "", markdown=out["markdown"], plots=out["plots"])
+
+
+def _write(config: ReportConfig) -> dict[str, Any]:
+    return write_report(config.results, output=config.output, plots_dir=config.plots_dir, metric=config.metric,
+                        baseline=config.baseline, confidence=config.confidence, n_resamples=config.n_resamples,
+                        seed=config.seed)

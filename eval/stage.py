@@ -19,10 +19,11 @@ from typing import Any
 from pydantic import Field
 
 from embedforge.errors import InputError
+from embedforge.eval.beir import BeirData
 from embedforge.eval.confidence import Comparison, Interval, compare, intervals, method_note
 from embedforge.eval.config import EvalConfig
 from embedforge.eval.metrics import METRIC_KEYS
-from embedforge.io import write_json
+from embedforge.io import check_output, output_lock, write_json
 from embedforge.outcome import StageOutcome
 from embedforge.provenance import read_provenance, write_provenance
 
@@ -67,8 +68,8 @@ def _load_baseline(path: str) -> dict[str, Any]:
     return result
 
 
-def _retrieval(config: EvalConfig, embedder: Any, show_progress: bool) -> dict[str, Any]:
-    from embedforge.eval.beir import fingerprint, load_beir
+def _retrieval(config: EvalConfig, data: BeirData, embedder: Any, show_progress: bool) -> dict[str, Any]:
+    from embedforge.eval.beir import fingerprint
     from embedforge.eval.random_ranking import random_ranking_baseline
     from embedforge.eval.retrieval import evaluate_retrieval
 
@@ -77,7 +78,6 @@ def _retrieval(config: EvalConfig, embedder: Any, show_progress: bool) -> dict[s
         from embedforge.reranker import Reranker
 
         reranker = Reranker.from_pretrained(config.reranker, dtype=config.dtype, device=config.device)
-    data = load_beir(config.data, split=config.split)
     run = evaluate_retrieval(
         embedder, data, instruction=config.instruction, dim=config.dim, reranker=reranker, top_k=config.top_k,
         batch_size=config.batch_size, search_backend=config.search_backend,
@@ -138,11 +138,27 @@ def evaluate(config: EvalConfig) -> EvalOutcome:
         >>> merged.comparisons[0].p_value
     """
     config.check_ready()
+    inputs = [config.data, config.model, config.reranker, *config.baselines, *(config.mteb or [])]
+    check_output(config.output, inputs, overwrite=config.overwrite)
+    if config.mteb_output:
+        check_output(config.mteb_output, inputs, resumable=True)
+    with output_lock(config.output):
+        return _evaluate_locked(config)
+
+
+def _evaluate_locked(config: EvalConfig) -> EvalOutcome:
+    from embedforge.eval.beir import load_beir
+
     if config.mteb:
         from embedforge.eval.mteb_adapter import import_mteb
 
         import_mteb()  # fail before loading a model when mteb is missing
-    baselines = [(p, _load_baseline(p)) for p in config.baselines]  # fail before loading a model, too
+    # bad input fails before a model loads: the baselines, the data, every local mteb folder
+    baselines = [(p, _load_baseline(p)) for p in config.baselines]
+    data = load_beir(config.data, split=config.split) if config.data else None
+    for task in config.mteb or []:
+        if Path(task).is_dir():
+            load_beir(task, split=config.split)
     import torch
 
     from embedforge import __version__
@@ -164,7 +180,7 @@ def evaluate(config: EvalConfig) -> EvalOutcome:
         "host": {"python": platform.python_version(), "torch": torch.__version__},
     }
     result.update(_mteb(config, embedder, show_progress) if config.mteb
-                  else _retrieval(config, embedder, show_progress))
+                  else _retrieval(config, data, embedder, show_progress))
     label = label_of(result)
     outcome = EvalOutcome(output=config.output, label=label)
     if "metrics" in result:

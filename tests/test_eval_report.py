@@ -71,7 +71,7 @@ def test_bad_results_files(tmp_path):
         del obj["metrics"]["map_at_100"]
         load_results([write(tmp_path, "y.json", obj)])
     (tmp_path / "z.json").write_text("{oops")
-    with pytest.raises(InputError, match="z.json: invalid JSON"):
+    with pytest.raises(InputError, match=r"z.json:1: invalid JSON"):  # now with its line
         load_results([str(tmp_path / "z.json")])
 
 
