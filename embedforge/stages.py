@@ -238,7 +238,7 @@ def _launch_training(config, launch, out: Path):
     completed = subprocess.run(argv, check=False, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     if completed.returncode != 0:
         raise EmbedforgeError(f"train: `accelerate launch` exited with {completed.returncode}; rerun to resume")
-    return TrainResult.from_output_dir(config.output_dir)
+    return TrainResult.model_validate_json((Path(config.output_dir) / "train_result.json").read_text(encoding="utf-8"))
 
 
 def accelerate_config(name: str) -> Path:
@@ -301,7 +301,7 @@ def eval_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> EvalStageOu
         for label, model in models.items():
             path = out / f"{label}-{_slug(data_label)}.json"
             wiring: dict[str, Any] = {"data": data, "output": str(path), "label": f"{label} / {data_label}",
-                                      "baselines": [base_result] if base_result else []}
+                                      "baselines": [base_result] if base_result else [], "overwrite": True}
             if recipe.task == "embedding":
                 wiring |= {"model": model, "instruction": recipe.instruction or ""}
             else:
@@ -312,7 +312,7 @@ def eval_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> EvalStageOu
             results.append(str(path))
             scores[f"{label}/{data_label}/ndcg_at_10"] = outcome.ndcg_at_10
             warnings += outcome.warnings
-    table = report(ReportConfig(results=results, output=str(out / "report.md")))
+    table = report(ReportConfig(results=results, output=str(out / "report.md"), overwrite=True))
     outcome = EvalStageOutcome(output=str(out), results=results, report=str(out / "report.md"),
                                markdown=table.markdown, scores=scores)
     for warning in warnings:
