@@ -458,22 +458,23 @@ def mine(config: MineConfig) -> MineOutcome:
             raise ConfigError(f"mine: `{name}` is not set ({what})")
     if not config.data and not config.embed_only:
         raise ConfigError("mine: `data` is not set (pairs JSONL file(s) or synth/filter output folder(s))")
+    from embedforge.data_synth.filtering import read_pairs
+
     check_output(config.output, [*(config.data or []), config.corpus, config.model, config.reranker],
                  resumable=True)
-    with output_lock(Path(config.output) / shard_name("mined", config.shard_index, config.num_shards)):
-        return _mine_locked(config)
-
-
-def _mine_locked(config: MineConfig) -> MineOutcome:
-    from embedforge.data_synth.filtering import read_pairs
-    from embedforge.data_synth.models import load_embedder, resolve_model
-
-    passages = load_mine_corpus(config.corpus)  # bad input fails before a model loads
+    passages = load_mine_corpus(config.corpus)  # bad input fails before anything is written or loaded
     rows = [] if config.embed_only else read_pairs(config.data)[0]
     if not rows and not config.embed_only:
         raise InputError("no rows to mine negatives for", path=", ".join(config.data))
-    if not config.embed_only:
-        check_rerun(config, rows, passages)
+    with output_lock(Path(config.output) / shard_name("mined", config.shard_index, config.num_shards)):
+        if not config.embed_only:
+            check_rerun(config, rows, passages)
+        return _mine_locked(config, rows, passages)
+
+
+def _mine_locked(config: MineConfig, rows: list[Row], passages: list[Passage]) -> MineOutcome:
+    from embedforge.data_synth.models import load_embedder, resolve_model
+
     embedder = load_embedder(config.model, config.device)
     reranker = None
     if config.reranker:
