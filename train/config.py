@@ -114,7 +114,7 @@ class TrainConfig(StrictModel):
     output_dir: str
     method: Literal["auto", "lora", "full"] = Field(
         "auto", description="auto: full fine-tuning up to full_max_parameters backbone parameters, LoRA above "
-        "(full learned more per step than LoRA r16 for MiniLM and SmolLM2, bench/results/train_defaults_sweep.md; "
+        "(full fine-tuning learned more than LoRA r16 for MiniLM at the same steps, bench/results/train_defaults_sweep.md; "
         "AdamW's state makes full fine-tuning cost ~16 bytes a parameter)")
     full_max_parameters: int = Field(1_000_000_000, gt=0, description="largest backbone that method auto fine-tunes "
                                      "fully")
@@ -143,7 +143,7 @@ class TrainConfig(StrictModel):
         None, description="decoders with last-token pooling: pool at an appended EOS (true) or at the last real token "
         "(false). null: what an embedder folder declares (Qwen3-Embedding: EOS); for a language model that is not an "
         "embedder yet, false: its EOS is a document separator whose state ignores the text, and training from it "
-        "collapses (bench/results/train_decoder_ablation.md)")
+        "collapses (bench/train_decoder_ablation.py)")
     dtype: Literal["float32", "bfloat16", "auto"] = "float32"
     mixed_precision: Literal["no", "bf16", "fp16"] | None = None
     attn_implementation: Literal["sdpa", "eager", "flash_attention_2"] = "sdpa"
