@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
-import json
 import logging
 import random
 import time
@@ -45,8 +44,8 @@ from embedforge.data_synth.personas import Persona, PersonaRetriever
 from embedforge.data_synth.prompt_templates import PromptTemplate, load_template
 from embedforge.data_synth.schemas import OutputError, decoding_schema, parse_output
 from embedforge.data_synth.shards import AppendOnlyShard, claim_layout, rewrite_in_order, shard_name
-from embedforge.errors import ConfigError
-from embedforge.io import write_json
+from embedforge.errors import ConfigError, InputError
+from embedforge.io import read_json_file, write_json
 from embedforge.templates import BITEXT_INSTRUCTION, DEFAULT_RETRIEVAL_INSTRUCTION, STS_INSTRUCTION
 
 logger = logging.getLogger(__name__)
@@ -417,7 +416,9 @@ class SynthesisRun:
         """History of earlier runs of this shard; refuses to resume under a different recipe."""
         if not self.manifest_path.exists():
             return []
-        old = json.loads(self.manifest_path.read_text(encoding="utf-8"))
+        old = read_json_file(self.manifest_path)
+        if not isinstance(old, dict):
+            raise InputError("not a synth manifest (expected a JSON object)", path=str(self.manifest_path))
         changes = [k for k, v in self.fingerprint().items() if old.get("fingerprint", {}).get(k) != v]
         if old.get("generator") != self.generator_info():
             changes.append("generator")

@@ -79,7 +79,15 @@ def read_finished_rows(path: Path) -> list[dict[str, Any]]:
     if not path.exists():
         return []
     data = path.read_bytes()
-    return [json.loads(line) for line in data[: data.rfind(b"\n") + 1].split(b"\n") if line.strip()]
+    rows = []
+    for number, line in enumerate(data[: data.rfind(b"\n") + 1].split(b"\n"), start=1):
+        if line.strip():
+            try:
+                rows.append(json.loads(line.decode("utf-8")))
+            except (json.JSONDecodeError, UnicodeDecodeError):
+                raise InputError("corrupt record in a shard; it was not written by embedforge", path=str(path),
+                                 line=number) from None
+    return rows
 
 
 class AppendOnlyShard:

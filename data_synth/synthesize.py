@@ -177,7 +177,7 @@ def _synthesize_locked(config: SynthConfig, corpus: str, output: Path, passages:
         transport_failures=report.transport_failures,
         quality=quality,
     )
-    _warn(outcome, report)
+    _warn(outcome, report, _generator_name(config, run))
     write_provenance(
         output,
         read_provenance(corpus),
@@ -196,7 +196,14 @@ def _synthesize_locked(config: SynthConfig, corpus: str, output: Path, passages:
     return outcome
 
 
-def _warn(outcome: SynthesisOutcome, report) -> None:
+def _generator_name(config: SynthConfig, run: SynthesisRun) -> str:
+    """The resource a transport failure came from: the server for HTTP, else the model."""
+    info = run.generator_info()
+    where = f" at {config.base_url}" if info["backend"] == "openai" else ""
+    return f"{info['backend']} {info['model']}{where}"
+
+
+def _warn(outcome: SynthesisOutcome, report, generator: str) -> None:
     if outcome.rows == 0:
         causes = ", ".join(f"{k} {v}" for k, v in sorted(report.passages_failed.items())) or "none"
         outcome.warn(f"synth wrote no rows ({outcome.passages} passages; failures: {causes})")
@@ -209,4 +216,6 @@ def _warn(outcome: SynthesisOutcome, report) -> None:
         outcome.warn(f"synth: only {rate:.0%} of the queries are on topic (their passage in the judge's "
                      f"top-{outcome.quality['on_topic_k']}; random: {baseline:.0%})")
     if outcome.pending:
-        outcome.warn(f"synth: {outcome.pending} passages pending; rerun the same command to resume")
+        causes = ", ".join(f"{k} {v}" for k, v in sorted(report.transport_failures.items()))
+        outcome.warn(f"synth: {outcome.pending} passages pending after transport failures ({causes}) from "
+                     f"{generator}; rerun the same command to resume")
