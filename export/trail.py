@@ -203,7 +203,7 @@ def limitations(trail: list[dict[str, Any]], results: list[dict[str, Any]], fact
             notes.append(f"{name}: no confidence interval was recorded; treat the numbers as point estimates.")
     onnx = facts.get("onnx") or {}
     if onnx.get("int8"):
-        notes.append(f"onnx/model_qint8.onnx is int8 dynamic-quantized: max |diff| "
+        notes.append(f"onnx/model_qint8.onnx computes in int8 (weights and activations): max |diff| "
                      f"{onnx['int8']['max_abs_diff']:.3g} per coordinate and cosine >= {onnx['int8']['min_cosine']:.4f} "
                      "against the float model on the export's probe texts.")
     return list(dict.fromkeys(notes))

@@ -70,7 +70,7 @@ def test_onnx_files_run_in_onnxruntime_to_the_embedder_vectors(tiny_export):
     report = json.loads((out / "export_report.json").read_text())
     facts = report["facts"]["onnx"]
     assert np.abs(int8 - want).max() <= facts["int8"]["tolerance"]
-    assert (out / "onnx" / "model_qint8.onnx").stat().st_size < 0.5 * (out / "onnx" / "model.onnx").stat().st_size
+    assert (out / "onnx" / "model_qint8.onnx").stat().st_size < (out / "onnx" / "model.onnx").stat().st_size
     assert {"onnx/model.onnx", "onnx/model_qint8.onnx"} <= set(outcome.files)
     checks = {c["name"]: c for c in report["checks"]}
     assert checks["onnx_fp32_parity"]["passed"] and checks["onnx_int8_parity"]["passed"]
@@ -155,16 +155,23 @@ def test_smollm2_gguf_equals_llama_cpp_converter_output(smollm2, tmp_path):
 
 
 @pytest.mark.slow
-def test_smollm2_int8_onnx_keeps_the_vectors(smollm2, tmp_path):
-    """Quantizing the MLP down projections too sends SmolLM2's vectors to cosine ~0.5; the export keeps them
-    in float and the vectors within the int8 bound."""
+def test_smollm2_int8_onnx_vectors_do_not_depend_on_their_batch(smollm2, tmp_path):
+    """Per-tensor (per-batch) activation scales gave a short text padded beside long ones cosine 0.47 to
+    float; the export's per-row int8 keeps it the same alone and in any batch."""
     from embedforge import Embedder
-    from embedforge.export.onnx import export_onnx
+    from embedforge.export.onnx import export_onnx, onnx_vectors
 
     torch.set_num_threads(1)
     embedder = Embedder.from_pretrained(smollm2, dtype="float32", device="cpu")
     result = export_onnx(embedder, tmp_path, ["int8"])
     assert [p.name for p in (tmp_path / "onnx").iterdir()] == ["model_qint8.onnx"]
     facts = result.facts["int8"]
-    assert all(c.passed for c in result.checks) and facts["min_cosine"] > 0.98
-    assert "30 MLP down projections kept in float" in facts["quantization"]
+    assert all(c.passed for c in result.checks) and "MatMulNBits" in facts["quantization"]
+    texts = ["sorted()", *[f"{n} " + "The sorted() built-in returns a new list from the items of an iterable, "
+                                      "in ascending order, and is guaranteed to be stable. " * 8 for n in range(7)]]
+    want = embedder.encode(texts)
+    batched = onnx_vectors(tmp_path / "onnx" / "model_qint8.onnx", embedder, texts)
+    alone = onnx_vectors(tmp_path / "onnx" / "model_qint8.onnx", embedder, texts, one_by_one=True)
+    # 2 sqrt(n) / 127 over SmolLM2's 210 quantized products bounds each coordinate (export/onnx.py)
+    assert np.abs(batched - want).max() <= facts["tolerance"] and np.abs(alone - want).max() <= facts["tolerance"]
+    assert float(np.sum(batched[0] * want[0])) > 0.99
