@@ -64,7 +64,8 @@ GRIDS = {
     },
 }
 # Small data: 40 rows, no max_steps. Before: one epoch of batch 32 = 1 step; now min_steps.
-SCHEDULE = {"40 rows, one epoch (1 step, as before)": {"rows": 40, "max_steps": None, "min_steps": 1},
+SCHEDULE = {"40 rows, one epoch (1 step, as before)": {"rows": 40, "max_steps": None, "min_steps": 1,
+                                                         "warmup_steps": 0},
             "40 rows, defaults (min_steps)": {"rows": 40, "max_steps": None}}
 
 

@@ -141,7 +141,7 @@ def test_a_dataset_smaller_than_the_batch_trains_with_the_batch_capped(tiny_qwen
     assert result.steps == 4 == result.total_steps
     assert any("capped from 4 to the 3 rows" in line for line in result.decisions)
     recorded = json.loads((tmp_path / "a" / "train_config.json").read_text())
-    assert (recorded["batch_size"], recorded["max_steps"], recorded["warmup_steps"]) == (3, 4, 1)
+    assert (recorded["batch_size"], recorded["max_steps"], recorded["warmup_steps"]) == (3, 4, 0)  # 10%, rounded down
 
 
 def test_a_language_model_is_pooled_at_its_last_real_token_and_an_embedder_as_it_declares(

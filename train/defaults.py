@@ -89,7 +89,7 @@ def resolve(cfg: TrainConfig, *, parameters: int, source_sizes: dict[str, int], 
         decisions.append(f"lr {lr:g}: default for {method} fine-tuning of {parameters / 1e6:.0f}M parameters")
     warmup = cfg.warmup_steps
     if warmup is None:
-        warmup = math.ceil(WARMUP_FRACTION * steps)
+        warmup = int(WARMUP_FRACTION * steps)  # rounded down: a 1-step run must not spend its step at lr 0
         decisions.append(f"warmup {warmup} steps: {WARMUP_FRACTION:.0%} of {steps}")
     resolved = cfg.model_copy(update={"method": method, "batch_size": batch_size, "lr": lr, "warmup_steps": warmup,
                                       "max_steps": steps})
