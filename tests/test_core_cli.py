@@ -83,7 +83,7 @@ def test_unknown_model_is_one_line_without_traceback(tmp_path):
     proc = subprocess.run(
         [sys.executable, "-m", "embedforge.cli", "embed", "--model", str(tmp_path / "missing-model"), "--input",
          str(data), "--output", str(tmp_path / "v.npy")],
-        capture_output=True, text=True, timeout=120,
+        check=False, capture_output=True, text=True, timeout=120,
     )
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr
@@ -95,6 +95,6 @@ def test_every_subpackage_imports_from_outside_the_repo(tmp_path):
                "embedforge.merge", "embedforge.export", "embedforge.eval"]
     code = "import importlib, sys; [importlib.import_module(m) for m in sys.argv[1:]]; " \
            "import embedforge.pipeline_cli as p; assert (p.recipes_dir() / p.DEMO_RECIPE).is_file()"
-    proc = subprocess.run([sys.executable, "-c", code, *modules], cwd=tmp_path, capture_output=True, text=True,
-                          timeout=120)
+    proc = subprocess.run([sys.executable, "-c", code, *modules], check=False, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr

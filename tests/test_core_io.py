@@ -57,7 +57,7 @@ def test_second_writer_is_refused_and_a_dead_holder_does_not_block(tmp_path):
             with output_lock({str(out)!r}):
                 pass
         """)
-        held = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True)
+        held = subprocess.run([sys.executable, "-c", script], check=False, capture_output=True, text=True)
         assert held.returncode != 0 and "in use by pid" in held.stderr
     # a holder killed with SIGKILL: the kernel drops its flock, the next writer proceeds
     killer = subprocess.Popen([sys.executable, "-c", textwrap.dedent(f"""
@@ -86,7 +86,8 @@ def test_failed_write_leaves_the_old_output_and_no_temporary(tmp_path):
 
 def test_temporaries_of_killed_writers_are_removed_on_the_next_write(tmp_path):
     target = tmp_path / "pairs.jsonl"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True,
+                          text=True)
     pid = int(dead.stdout)
     stale_file = tmp_path / f".pairs.jsonl.{pid}.abc.tmp"
     stale_file.write_text("partial")
@@ -102,7 +103,8 @@ def test_temporaries_of_killed_writers_are_removed_on_the_next_write(tmp_path):
 
 def test_a_kill_between_the_two_renames_restores_the_old_output(tmp_path):
     target = tmp_path / "model"
-    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], check=True, capture_output=True,
+                          text=True)
     old = tmp_path / f".model.{int(dead.stdout)}.old.tmp"
     old.mkdir()
     (old / "w").write_text("old")
