@@ -120,7 +120,10 @@ def read_json_file(path: str | os.PathLike) -> Any:
 def brief(value: Any, limit: int = 60) -> str:
     """repr of a value for an error message, cut to `limit` characters (a line may be megabytes)."""
     text = repr(value)
-    return text if len(text) <= limit else f"{text[:limit - 12]}...({len(text)} chars)"
+    if len(text) <= limit:
+        return text
+    suffix = f"...({len(text)} chars)"
+    return text[:max(limit - len(suffix), 8)] + suffix
 
 
 def iter_jsonl(path: str | os.PathLike) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -115,3 +115,39 @@ def test_a_kill_between_the_two_renames_restores_the_old_output(tmp_path):
 def test_lock_error_is_a_config_error(tmp_path):
     with output_lock(tmp_path / "x"), pytest.raises(ConfigError), output_lock(tmp_path / "x"):
         pass
+
+
+def test_a_line_longer_than_the_cap_is_refused_and_one_at_the_cap_is_read(tmp_path, monkeypatch):
+    from embedforge.io import max_line_bytes
+
+    monkeypatch.setenv("EMBEDFORGE_MAX_LINE_MB", str(1024 / (1 << 20)))  # 1 KiB
+    limit = max_line_bytes()
+    assert limit == 1024
+    at_cap = '{"text": "' + "a" * (limit - 12) + '"}'
+    assert len(at_cap) == limit
+    path = tmp_path / "t.jsonl"
+    path.write_text(at_cap + "\n" + at_cap + "b\n")
+    rows = iter_jsonl(path)
+    assert next(rows)[1]["text"] == "a" * (limit - 12)
+    with pytest.raises(InputError, match=r"t.jsonl:2: line longer than 0.000976562 MiB"):
+        next(rows)
+
+
+def test_whole_file_readers_locate_bad_bytes_and_drop_a_byte_order_mark(tmp_path):
+    from embedforge.io import brief, read_json_file, read_text_file
+
+    text = tmp_path / "doc.txt"
+    text.write_bytes(b"one\ntwo\nth\x93ree\n")
+    with pytest.raises(InputError, match=r"doc.txt:3: not valid UTF-8 \(byte 0x93 at column 3\)"):
+        read_text_file(text)
+    bom = tmp_path / "bom.json"
+    bom.write_bytes(b'\xef\xbb\xbf{"a": 1}')
+    assert read_json_file(bom) == {"a": 1}
+    broken = tmp_path / "r.json"
+    broken.write_text('{\n  "a": 1,\n  oops\n}')
+    with pytest.raises(InputError, match=r"r.json:3: invalid JSON \(Expecting property name"):
+        read_json_file(broken)
+    lines = tmp_path / "bom.jsonl"
+    lines.write_bytes(b'\xef\xbb\xbf{"text": "x"}\n')
+    assert read_texts(lines) == ["x"]
+    assert len(brief(["x" * 10_000])) <= 60 and brief("ok") == "'ok'"
