@@ -74,7 +74,7 @@ def iter_json_lines(path: str | os.PathLike) -> Iterator[tuple[int, Any]]:
         try:
             yield number, json.loads(line)
         except json.JSONDecodeError as exc:
-            raise InputError(f"invalid JSON ({exc.msg} at column {exc.colno})", path=path, line=number) from None
+            raise InputError(f"invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})", path=path, line=number) from None
         except RecursionError:
             raise InputError("invalid JSON (nested too deeply)", path=path, line=number) from None
 
@@ -112,7 +112,7 @@ def read_json_file(path: str | os.PathLike) -> Any:
     try:
         return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise InputError(f"invalid JSON ({exc.msg} at column {exc.colno})", path=path, line=exc.lineno) from None
+        raise InputError(f"invalid JSON ({exc.msg.removesuffix(' at')} at column {exc.colno})", path=path, line=exc.lineno) from None
     except RecursionError:
         raise InputError("invalid JSON (nested too deeply)", path=path) from None
 
