@@ -72,33 +72,115 @@ def base_model_of(trail: list[dict[str, Any]]) -> str | None:
     return None
 
 
+def _short(value: Any) -> Any:
+    """Local paths shortened to their last components; other values as they are."""
+    if isinstance(value, str) and value.startswith(("/", "~", "./")):
+        return short_name(value)
+    if isinstance(value, dict):
+        return {k: _short(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_short(v) for v in value]
+    return value
+
+
+def _get(record: dict[str, Any], *keys: str) -> Any:
+    value: Any = record
+    for key in keys:
+        value = value.get(key) if isinstance(value, dict) else None
+    return value
+
+
+def _rows(pairs: list[tuple[str, Any]]) -> list[tuple[str, str]]:
+    return [(label, display(_short(value))) for label, value in pairs if value not in (None, [], {}, "")]
+
+
+def _gates(record: dict[str, Any]) -> str | None:
+    gates = record.get("gates")
+    if isinstance(gates, list):
+        return ", ".join(f"{g.get('gate')} {g.get('rows_in')}→{g.get('rows_out')}"
+                         + (f" (≥ {g['threshold']:.4g})" if isinstance(g.get("threshold"), (int, float)) else "")
+                         for g in gates if isinstance(g, dict))
+    return display(gates) if gates else None
+
+
+def _summary(record: dict[str, Any]) -> list[tuple[str, str]]:
+    """The few facts of a stage record a reader of the card needs, in words."""
+    stage = record.get("stage")
+    if stage == "corpus":
+        return _rows([("corpus", record.get("description") or record.get("source")),
+                      ("passages", record.get("passages")), ("real queries", record.get("real_queries"))])
+    if stage == "synth":
+        generator = record.get("generator")
+        if isinstance(generator, dict):
+            generator = f"{short_name(str(generator.get('model')))} ({generator.get('backend')})"
+        templates = record.get("templates")
+        if isinstance(templates, dict):
+            templates = ", ".join(f"{k}@v{v.get('version')}" if isinstance(v, dict) else k for k, v in templates.items())
+        quality = record.get("quality") or {}
+        return _rows([
+            ("generator", generator), ("prompt strategy", record.get("strategy") or record.get("prompt_strategy")),
+            ("decoding", record.get("decoding")), ("prompt templates", templates),
+            ("tasks", _get(record, "sampling", "tasks")), ("languages", _get(record, "sampling", "languages")),
+            ("generator passages", _get(record, "corpus", "passages")),
+            ("corpus fingerprint", (_get(record, "corpus", "texts_sha256") or record.get("corpus_fingerprint") or "")[:16]),
+            ("synthetic pairs", _get(record, "counts", "rows") or record.get("rows")),
+            ("schema-valid replies", quality.get("schema_valid_rate")),
+            ("on-topic queries", f"{quality['on_topic_rate']:.2%} (random {quality.get('on_topic_random_baseline', 0):.0%})"
+             if isinstance(quality.get("on_topic_rate"), (int, float)) else None),
+        ])
+    if stage == "filter":
+        return _rows([("teacher", record.get("teacher")), ("gates (rows in→out)", _gates(record)),
+                      ("pairs kept", f"{record['rows_kept']} of {record['rows_in']}"
+                       if "rows_kept" in record and "rows_in" in record else None)])
+    if stage == "split":
+        return _rows([("held-out passages", record.get("heldout_passages")),
+                      ("held-out queries", record.get("heldout_queries")), ("training pairs", record.get("train_pairs"))])
+    if stage == "mine":
+        settings = record.get("settings") or {}
+        rank = (f"{settings['rank_start']}–{settings['rank_end']}" if "rank_start" in settings
+                else settings.get("rank_range"))
+        return _rows([("miner", record.get("model") or settings.get("model")),
+                      ("negatives per query", settings.get("num_negatives")), ("rank range", rank),
+                      ("false-negative margin", settings.get("margin")),
+                      ("negatives mined", _get(record, "counts", "negatives"))])
+    return flatten(_short(record), skip=("stage", "warnings"))[:12]
+
+
 def data_rows(trail: list[dict[str, Any]]) -> list[tuple[str, str]]:
-    """The training data: corpus, generator, prompts, gates, mining."""
+    """The training data: corpus, generator, prompts, gates, split, mining."""
     rows: list[tuple[str, str]] = []
-    for stage, label in (("synth", "synthesis"), ("filter", "filter"), ("mine", "mining")):
+    for stage in ("corpus", "synth", "filter", "split", "mine"):
         record = find_stage(trail, stage)
         if record is not None:
-            rows += [(f"{label}: {k}", v) for k, v in flatten(record)]
+            rows += [(f"{stage}: {label}", value) for label, value in _summary(record)]
     return rows
 
 
 def training_rows(trail: list[dict[str, Any]]) -> list[tuple[str, str]]:
     record = find_stage(trail, "train")
-    return flatten(record, skip=("stage", "warnings")) if record else []
+    if record is None:
+        return []
+    config = record.get("config") or {}
+    loss = config.get("loss") or {}
+    lora = config.get("lora") or {}
+    data = record.get("data")
+    return _rows([
+        ("backbone", config.get("model")), ("task", config.get("task")), ("method", config.get("method")),
+        ("LoRA", f"r {lora.get('r')}, alpha {lora.get('alpha', lora.get('lora_alpha'))}"
+         if config.get("method") == "lora" and lora.get("r") else None),
+        ("loss", ", ".join(f"{k} {v}" for k, v in loss.items() if v not in (None, [], {}))),
+        ("learning rate", config.get("lr")), ("batch size", config.get("batch_size")),
+        ("max length", config.get("max_length")), ("steps", record.get("steps")),
+        ("training data", [d.get("name") or d for d in data] if isinstance(data, list) else data),
+        ("final metrics", record.get("final_metrics")),
+    ]) + ([] if config else flatten(_short(record), skip=("stage", "warnings")))
 
 
 def merge_rows(trail: list[dict[str, Any]]) -> list[tuple[str, str]]:
     record = find_stage(trail, "merge")
     if record is None:
         return []
-    rows = []
-    for key, value in record.items():
-        if key in ("stage", "warnings") or value is None:
-            continue
-        if key in ("models", "base") and value:
-            value = [short_name(v) for v in value] if isinstance(value, list) else short_name(value)
-        rows.append((key, display(value)))
-    return rows
+    return _rows([(key, value) for key, value in record.items() if key not in ("stage", "warnings")])
 
 
 def trail_warnings(trail: list[dict[str, Any]]) -> list[str]:
@@ -186,8 +268,8 @@ def limitations(trail: list[dict[str, Any]], results: list[dict[str, Any]], fact
         notes.append("No training record: this folder's provenance has no train stage, so the card cannot say "
                      "what the model was trained on.")
     if synth is not None:
-        generator = synth.get("generator") or "an LLM"
-        notes.append(f"The training pairs are synthetic: queries written by {display(generator, 80)} from the corpus "
+        generator = dict(_summary(synth)).get("generator") or "an LLM"
+        notes.append(f"The training pairs are synthetic: queries written by {generator} from the corpus "
                      "passages; no human-written query was used in training.")
     if not results:
         notes.append("Not evaluated: no evaluation results were recorded for this model.")

@@ -17,14 +17,26 @@ from embedforge.errors import ConfigError
 from embedforge.export import ExportConfig, export
 from embedforge.provenance import read_provenance, write_provenance
 
-TRAIL = [
-    {"stage": "synth", "generator": "Qwen/Qwen3-32B", "prompt_strategy": "persona two-call, retrieval_query@v2",
-     "corpus_fingerprint": "sha256:ab12", "rows": 1200},
-    {"stage": "filter", "gates": {"near_duplicate": 40, "round_trip": 133, "kept": 1027}},
-    {"stage": "mine", "settings": {"num_negatives": 4, "rank_range": [10, 50]}},
+TRAIL = [  # the shapes the stages write (embedforge/stages.py, data_synth, eval/stage.py)
+    {"stage": "corpus", "source": "builtin:python-docstrings", "description": "docstrings of the Python 3.11 "
+     "standard library", "passages": 988, "real_queries": 988},
+    {"stage": "synth", "corpus": {"path": "/runs/x/corpus/generator-passages.jsonl", "passages": 40,
+                                  "texts_sha256": "5d3318c76d4a0a4eb0a1ae66c9349f0f6406b24e94aa756a"},
+     "generator": {"backend": "vllm", "model": "Qwen/Qwen3-32B"}, "strategy": "two_call", "decoding": "json_schema",
+     "sampling": {"tasks": ["retrieval"], "languages": ["en"]},
+     "templates": {"retrieval_query": {"version": 2, "sha256": "08b3f9488b57"}},
+     "counts": {"rows": 1200, "llm_calls": 800}, "quality": {"schema_valid_rate": 1.0, "on_topic_rate": 0.9667,
+                                                             "on_topic_random_baseline": 0.25}, "warnings": []},
+    {"stage": "filter", "teacher": "builtin:minilm", "gates": [
+        {"gate": "near_duplicate", "rows_in": 1200, "rows_out": 1160, "threshold": None},
+        {"gate": "cosine", "rows_in": 1160, "rows_out": 1027, "threshold": 0.2482}], "rows_in": 1200, "rows_kept": 1027},
+    {"stage": "mine", "model": "builtin:minilm", "settings": {"num_negatives": 4, "rank_start": 10, "rank_end": 50,
+                                                             "margin": 0.05}, "counts": {"negatives": 4000}},
     {"stage": "train", "config": {"model": "Qwen/Qwen3-0.6B", "task": "embedding", "method": "lora", "lr": 5e-5,
-                                  "loss": {"temperature": 0.05}},
-     "final_metrics": {"loss": 0.41}, "warnings": ["loss plateaued after step 300"]},
+                                  "batch_size": 64, "lora": {"r": 16, "alpha": 32},
+                                  "loss": {"temperature": 0.05, "terms": ["hard", "qq", "dd", "qd"]}},
+     "data": [{"name": "synthetic"}], "steps": 300, "final_metrics": {"loss": 0.41},
+     "warnings": ["loss plateaued after step 300"]},
     {"stage": "merge", "method": "slerp", "t": {"default": [0.5]}, "models": ["/runs/x/base/model",
                                                                              "/runs/x/train/work/final"]},
     {"stage": "eval", "results": [
@@ -64,13 +76,18 @@ def test_card_tells_the_trail(traced):
     assert text.count("\n# qwen3-domain-embedder\n") == 1 and "# model\n" not in text  # the real name
     assert meta["base_model"] == "Qwen/Qwen3-0.6B"
     assert "fine-tuned from `Qwen/Qwen3-0.6B`" in text and "Qwen3 Embedding recipe" in text
-    for fragment in ("Qwen/Qwen3-32B", "sha256:ab12", "round_trip", "rank_range", "lr", "5e-05",
-                     "loss plateaued after step 300", "slerp", "train/work/final"):
+    for fragment in ("| synth: generator | `Qwen/Qwen3-32B (vllm)` |", "| synth: prompt templates | `retrieval_query@v2` |",
+                     "| synth: corpus fingerprint | `5d3318c76d4a0a4e` |", "| corpus: real queries | `988` |",
+                     "near_duplicate 1200→1160, cosine 1160→1027 (≥ 0.2482)", "| mine: rank range | `10–50` |",
+                     "| learning rate | `5e-05` |", "| LoRA | `r 16, alpha 32` |", "| training data | `[\"synthetic\"]` |",
+                     "loss plateaued after step 300", "| method | `slerp` |", "train/work/final"):
         assert fragment in text, fragment
+    assert "/runs/x/corpus" not in text  # local paths do not reach the card
     assert ("| SciFact | test | 300 | nDCG@10 | 0.5500 | [0.5100, 0.5900] | 0.0123 | +0.0500 [+0.0100, +0.0900] "
             "vs base, p=0.004 |") in text
     assert "| heldout | test | 60 | nDCG@10 | 0.6100 | [0.5200, 0.7000] |  |  |" in text
-    assert "heldout: only 60 queries" in text and "synthetic" in text and "no human-written query" in text
+    assert "heldout: only 60 queries" in text and "queries written by Qwen/Qwen3-32B (vllm)" in text
+    assert "no human-written query" in text
     datasets = [r["dataset"] for r in meta["model-index"][0]["results"]]
     assert {d["name"] for d in datasets} == {"heldout", "SciFact"}
     assert all("/" not in d["type"] for d in datasets)  # a name, never a local path
@@ -81,7 +98,7 @@ def test_card_tells_the_trail(traced):
 def test_export_appends_its_record_and_cleans_the_config(traced):
     _model, out, outcome = traced
     trail = read_provenance(out)
-    assert [r["stage"] for r in trail] == ["synth", "filter", "mine", "train", "merge", "eval", "export"]
+    assert [r["stage"] for r in trail] == [r["stage"] for r in TRAIL] + ["export"]
     assert trail[-1]["repo_id"] == "my-org/qwen3-domain-embedder" and trail[-1]["checks_passed"] >= 5
     config = json.loads((out / "config.json").read_text())
     assert "_model_name_or_path" not in config and "auto_map" not in config
