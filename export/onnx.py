@@ -103,12 +103,20 @@ def write_int8(source: Path, path: Path) -> int:
     (SmolLM2: cosine 0.47 to float for a short text padded beside long ones, 0.99 alone). Per-row
     scales keep every text's vector independent of its batch.
     """
+    import logging
+
     import onnx
     from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
 
-    quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=8, block_size=32, is_symmetric=True,
-                                     accuracy_level=4)
-    quantizer.process()
+    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
+    level = log.level
+    log.setLevel(logging.WARNING)  # it logs every node it skips at INFO
+    try:
+        quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=8, block_size=32, is_symmetric=True,
+                                         accuracy_level=4)
+        quantizer.process()
+    finally:
+        log.setLevel(level)
     quantizer.model.save_model_to_file(str(path), False)
     graph = onnx.load(str(path), load_external_data=False).graph
     return sum(node.op_type in QUANTIZED_OPS for node in graph.node)
