@@ -1,4 +1,5 @@
-"""One entry point for every benchmark: `python bench/run.py [NAME ...] [--quick]`.
+"""One entry point for every benchmark: `python bench/run.py [NAME ...] [--quick]`; `--gpu [--dry-run]`
+runs the one-shot GPU check (bench/gpu.sh).
 
 Each benchmark is its own script (run alone for its full options) and writes JSON + markdown into
 bench/results/, each result a ratio against the peer a user would otherwise pick, measured in the
@@ -34,7 +35,13 @@ def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("names", nargs="*", metavar="NAME", help=f"benchmarks to run: {', '.join(BENCHMARKS)} (default: all)")
     parser.add_argument("--quick", action="store_true", help="small sizes: a smoke run, not numbers to report")
+    parser.add_argument("--gpu", action="store_true", help="the one-shot GPU check, bench/gpu.sh (results in "
+                        "bench/results/gpu/)")
+    parser.add_argument("--dry-run", action="store_true", help="with --gpu: the same check on the CPU, tiny shapes")
     args = parser.parse_args()
+    if args.gpu:
+        command = ["bash", str(HERE / "gpu.sh"), *(["--dry-run"] if args.dry_run else [])]
+        return subprocess.run(command, check=False).returncode
     unknown = sorted(set(args.names) - set(BENCHMARKS))
     if unknown:
         parser.error(f"unknown benchmark(s) {unknown}; choose from {list(BENCHMARKS)}")
@@ -44,7 +51,7 @@ def main() -> int:
         cmd = [sys.executable, str(HERE / script), *(quick if args.quick else [])]
         print(f"== {name}: {script} (peer: {peer})", flush=True)
         start = time.time()
-        if subprocess.run(cmd).returncode != 0:
+        if subprocess.run(cmd, check=False).returncode != 0:
             failed.append(name)
         print(f"== {name}: {time.time() - start:.0f}s", flush=True)
     if failed:

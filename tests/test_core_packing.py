@@ -353,10 +353,11 @@ def test_gradcache_over_packed_chunks_equals_padded_full_batch(tiny_qwen3_embedd
 
 @pytest.mark.slow
 def test_smollm2_packed_equals_padded(smollm2):
-    emb = Embedder.from_pretrained(smollm2, dtype="float32", max_length=192)
-    texts = long_tailed_texts(24)
-    padded = emb.encode(texts, batch_size=8, packing=False)
-    packed = emb.encode(texts, batch_size=8, packing=True)
+    emb = Embedder.from_pretrained(smollm2, dtype="float32", max_length=128)
+    texts = long_tailed_texts(12)
+    padded = emb.encode(texts, batch_size=4, packing=False)
+    packed = emb.encode(texts, batch_size=4, packing=True)
+    assert emb.spec.padding_side == "left"  # the padded run shifts positions; RoPE is relative
     config = emb.model.config
     np.testing.assert_allclose(packed, padded, rtol=0,
                                atol=fp32_tol(config.num_hidden_layers, config.intermediate_size))
