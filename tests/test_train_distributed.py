@@ -45,8 +45,8 @@ def write_recipe(root: Path, model: Path, method: str, steps: int, save_steps: i
     path = root / f"{method}.yaml"
     path.write_text(
         f"model: {model}\nmethod: {method}\nlora: {{rank: 4}}\nbatch_size: 8\nmini_batch_size: 10\n"
-        f"max_steps: {steps}\nlr: 0.001\nsave_steps: {save_steps}\nprogress_bar: false\nseed: 1\n"
-        "loss: {matryoshka_dims: [16, 64]}\n"
+        f"max_steps: {steps}\nlr: 0.001\nwarmup_steps: 0\nsave_steps: {save_steps}\nprogress_bar: false\nseed: 1\n"
+        "loss: {preset: qwen3, matryoshka_dims: [16, 64]}\n"
         f"data:\n  - path: {data}\n    num_negatives: 2\n    instruction: Find the note\n"
     )
     return path
