@@ -14,11 +14,11 @@ from pydantic import Field, ValidationError, field_validator, model_validator
 
 from embedforge.config import StrictModel
 from embedforge.errors import ConfigError
-from embedforge.merge import methods
 from embedforge.merge.schedule import Schedule, TSchedule
-from embedforge.merge.stream import DEFAULT_MAX_SHARD_BYTES
+from embedforge.merge.weights import DOT_THRESHOLD, normalize_weights
 
 METHODS = ("slerp", "lerp", "linear")
+DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
 DTYPE_NAMES = ("float32", "bfloat16", "float16")
 _SIZE_UNITS = {"KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "KB": 10**3, "MB": 10**6, "GB": 10**9, "B": 1}
 
@@ -78,7 +78,7 @@ class MergeConfig(StrictModel):
     lora_base: str | None = Field(None, description="base folder for LoRA adapters (unset: their recorded base)")
     overwrite: bool = Field(False, description="replace an existing output folder")
     max_shard_bytes: int = Field(DEFAULT_MAX_SHARD_BYTES, description="largest output shard, bytes or 4GB/500MB")
-    dot_threshold: float = Field(methods.DOT_THRESHOLD, description="|cos| above which slerp is lerp")
+    dot_threshold: float = Field(DOT_THRESHOLD, description="|cos| above which slerp is lerp")
     report: str | None = Field(None, description="also write the merge report (JSON) here")
     dry_run: bool = Field(False, description="only report the cosines; write no model")
     show_progress: bool = Field(True, description="progress bar")
@@ -142,7 +142,7 @@ class MergeConfig(StrictModel):
     @classmethod
     def _weights(cls, value: list[float] | None) -> list[float] | None:
         if value is not None:
-            methods.normalize_weights(value)  # raises ValueError on negative or all-zero weights
+            normalize_weights(value)  # raises ValueError on negative or all-zero weights
         return value
 
     @field_validator("dot_threshold")
@@ -194,7 +194,7 @@ class MergeConfig(StrictModel):
             raise ConfigError(f"merge: {exc}") from None
 
     def normalized_weights(self) -> list[float] | None:
-        return methods.normalize_weights(self.weights) if self.weights is not None else None
+        return normalize_weights(self.weights) if self.weights is not None else None
 
     def t_schedule(self) -> TSchedule | None:
         """The per-tensor t for two models, or None when N-model weights are used."""

@@ -24,9 +24,7 @@ from collections.abc import Sequence
 
 import torch
 
-DOT_THRESHOLD = 0.9995
-"""Above this |cos| two tensors count as parallel: slerp's angle is too small (or too close to pi)
-to be trusted, and slerp falls back to linear interpolation, as mergekit does."""
+from embedforge.merge.weights import DOT_THRESHOLD, normalize_weights
 
 EPS = 1e-8
 """Norms below this make the angle undefined; such tensors are interpolated linearly."""
@@ -84,19 +82,6 @@ def cosine_matrix(gram: torch.Tensor, eps: float = EPS) -> torch.Tensor:
     cos = (gram / safe[:, None] / safe[None, :]).clamp(-1.0, 1.0)
     cos = torch.where(ok[:, None] & ok[None, :], cos, torch.zeros_like(cos))
     return cos
-
-
-def normalize_weights(weights: Sequence[float]) -> list[float]:
-    """Weights scaled to sum to 1; they must be non-negative with a positive sum."""
-    values = [float(w) for w in weights]
-    if not values:
-        raise ValueError("need at least one weight")
-    if any(not math.isfinite(w) or w < 0 for w in values):
-        raise ValueError(f"weights must be finite and non-negative, got {values}")
-    total = sum(values)
-    if total <= 0:
-        raise ValueError(f"weights must not all be zero, got {values}")
-    return [w / total for w in values]
 
 
 def slerp_coefficients(

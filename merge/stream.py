@@ -28,10 +28,10 @@ from safetensors import SafetensorError, safe_open
 from typing_extensions import Self
 
 from embedforge.errors import InputError
+from embedforge.merge.config import DEFAULT_MAX_SHARD_BYTES
 
 WEIGHTS_NAME = "model.safetensors"
 INDEX_NAME = "model.safetensors.index.json"
-DEFAULT_MAX_SHARD_BYTES = 4 * 1024**3
 
 # safetensors dtype codes <-> torch dtypes (the subset checkpoints use).
 _DTYPES: dict[str, torch.dtype] = {
