@@ -91,15 +91,19 @@ def adapt(source: str, pairs: str, data: dict[str, str], args, out: Path) -> dic
     from embedforge.train.trainer import train
 
     queries = str(Path(data["real"]) / "queries.jsonl")
+    # The pseudo query IS a sentence of its passage: the copy gate, built to stop an LLM from copying,
+    # would drop every row; the other gates apply to both sources alike.
+    copy_gate = {"copy_max_ratio": None} if source == "pseudo" else {}
     kept = filter_pairs(FilterConfig(input=[pairs], output=str(out / "filtered"), teacher=args.model,
-                                     eval_sets=[queries], overwrite=True))
+                                     eval_sets=[queries], overwrite=True, **copy_gate))
     mined = mine(MineConfig(data=[str(out / "filtered")], corpus=data["passages"], output=str(out / "mined"),
                             model=args.model, num_negatives=args.negatives, rank_start=5, rank_end=50,
-                            max_length=args.max_length))
+                            max_length=args.max_length, overwrite=True))
     config = TrainConfig(model=args.model, output_dir=str(out / "train"), progress_bar=False,
                          data=[{"path": mined.files[0] if len(mined.files) == 1 else str(out / "mined"),
                                 "num_negatives": args.negatives, "instruction": None}],
-                         batch_size=args.batch_size, max_length=args.max_length, save_steps=0)
+                         batch_size=args.batch_size, max_length=args.max_length, save_steps=0,
+                         max_steps=args.steps)
     result = train(config)
     merged = merge(MergeConfig(models=[args.base_folder, result.final_dir], t=args.merge_t,
                                output=str(out / "merged"), overwrite=True, show_progress=False))
@@ -192,6 +196,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--negatives", type=int, default=1)
     parser.add_argument("--max-length", type=int, default=128)
+    parser.add_argument("--steps", type=int, default=None, help="training steps (default: the trainer's schedule)")
     parser.add_argument("--merge-t", type=float, default=0.7)
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: all cores)")
     parser.add_argument("--workdir", default=None)

@@ -21,7 +21,7 @@ from typing import Any
 
 from embedforge import __version__
 from embedforge.errors import ConfigError, EmbedforgeError
-from embedforge.io import write_json
+from embedforge.io import read_json_file, write_json
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +74,7 @@ class Pipeline:
         self.manifest_path = self.workdir / "manifest.json"
         self.manifest: dict[str, Any] = {"embedforge": __version__, "recipe": recipe, "stages": {}}
         if self.manifest_path.exists():
-            previous = json.loads(self.manifest_path.read_text())
+            previous = read_json_file(self.manifest_path)
             self.manifest["stages"] = previous.get("stages", {})
 
     def stage_dir(self, run: StageRun) -> tuple[Path, str]:
@@ -89,7 +89,7 @@ class Pipeline:
         out, key = self.stage_dir(run)
         done = out / COMPLETE
         if done.exists():
-            record = json.loads(done.read_text())
+            record = read_json_file(done)
             self.progress(f"[{run.name}] cached ({out.name})")
             self.manifest["stages"][run.name] = record | {"cached": True}
             self._save()

@@ -14,7 +14,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from embedforge.io import write_json
+from embedforge.errors import InputError
+from embedforge.io import read_json_file, write_json
 
 FILE = "provenance.json"
 
@@ -44,7 +45,10 @@ def read_provenance(*inputs: str | os.PathLike | None) -> list[dict[str, Any]]:
         path = _existing_trail(Path(source))
         if path is None:
             continue
-        for record in json.loads(path.read_text(encoding="utf-8")):
+        trail = read_json_file(path)
+        if not isinstance(trail, list):
+            raise InputError("expected a list of stage records", path=str(path))
+        for record in trail:
             key = json.dumps(record, sort_keys=True, default=str)
             if key not in seen:
                 seen.add(key)
