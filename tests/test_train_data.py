@@ -256,3 +256,14 @@ def test_reranker_groups_put_the_positive_first_and_fill_from_the_batch(tmp_path
         own = {"q0": ["n0a", "n0b"], "q1": ["n1a"], "q2": []}[q]
         assert docs[1:1 + len(own)] == own
         assert all(d.startswith("p") for d in docs[1 + len(own):])
+
+
+def test_small_data_fills_every_batch_across_many_epochs(tmp_path):
+    # 40 distinct rows at batch 32: a batch that crosses an epoch boundary meets rows it already
+    # holds in the next epoch's permutation; it must still fill from the other distinct rows.
+    rows = [{"query": f"q {i}", "positive": f"doc {i}"} for i in range(40)]
+    sources, _ = load_sources([DatasetSettings(path=write_jsonl(tmp_path / "s.jsonl", rows))])
+    sampler = MixingSampler(sources, batch_size=32)
+    for _ in range(50):
+        batch = sampler.next_batch()
+        assert len(batch.rows) == 32 == len({r.query for r in batch.rows})

@@ -418,7 +418,9 @@ class MixingSampler:
         queries: set[str] = set()
         positives: set[str] = set()
         deferred: list[int] = []
-        budget = len(source) + len(cursor["deferred"])
+        # Enough to see every row at least once even when the batch crosses into the next epoch,
+        # whose permutation repeats the rows this batch already took (small data, many epochs).
+        budget = 2 * len(source) + len(cursor["deferred"])
         candidates = self._candidates(k)
         for examined, i in enumerate(candidates):
             if examined > budget:
