@@ -3,7 +3,7 @@
 The score is softmax over (logit_no, logit_yes) at the last position, read for yes. Only that one
 position's logits are computed (`logits_to_keep=1`): the full-vocabulary logits of every position
 cost about ten times more. Truncation cuts the document, never the template suffix the score is
-read after (pain point 3). A sequence-classification export (one logit = yes - no) loads too.
+read after. A sequence-classification export (one logit = yes - no) loads too.
 """
 
 from __future__ import annotations
@@ -26,6 +26,13 @@ from embedforge.templates import (
     RERANKER_YES,
     format_reranker_body,
 )
+
+
+def _has_lm_head(config: dict) -> bool:
+    """A decoder whose checkpoint carries its LM head (a *ForCausalLM), or ties it to the embeddings."""
+    archs = config.get("architectures") or []
+    return modeling.is_decoder_config(config) and (
+        any(a.endswith("ForCausalLM") for a in archs) or bool(config.get("tie_word_embeddings")))
 
 
 class Reranker:
@@ -74,6 +81,11 @@ class Reranker:
         if any(a.endswith("ForSequenceClassification") for a in archs):
             model = _load_seq_cls(source, dtype=dtype, device=device, attn_implementation=attn_implementation,
                                   trust_remote_code=trust_remote_code)
+        elif not _has_lm_head(config):
+            raise ModelLoadError(
+                f"{name_or_path}: not a yes/no reranker ({', '.join(archs) or config.get('model_type')}): a reranker "
+                "is a causal LM (Qwen3-Reranker, a chat LLM) or a one-logit sequence-classification export; "
+                "scoring with a randomly initialised LM head would give meaningless scores")
         else:
             model = modeling.load_causal_lm(source, dtype=dtype, device=device,
                                             attn_implementation=attn_implementation,

@@ -12,8 +12,8 @@ from embedforge.errors import InputError
 QUERIES = ["What is the capital of China?", "Explain gravity"]
 DOCS = [
     "The capital of China is Beijing.",
-    "Gravity is a force that attracts two bodies towards each other. It gives weight to physical objects and is "
-    "responsible for the movement of planets around the sun.",
+    ("Gravity is a force that attracts two bodies towards each other. It gives weight to physical objects and is "
+    "responsible for the movement of planets around the sun."),
 ]
 
 
@@ -105,3 +105,13 @@ def test_bad_inputs(tiny_qwen3_lm):
         rr.score("q", ["a", " "])
     with pytest.raises(InputError, match="query: empty string"):
         rr.score("", ["a"])
+
+
+def test_a_model_without_an_lm_head_is_refused(minilm, tiny_qwen3_embedder):
+    from embedforge.errors import ModelLoadError
+
+    # an encoder has no LM head to read yes/no from: AutoModelForCausalLM would invent a random one
+    with pytest.raises(ModelLoadError, match="not a yes/no reranker"):
+        Reranker.from_pretrained(minilm)
+    # a decoder body whose head is tied to its embeddings (Qwen3-0.6B) does score
+    assert Reranker.from_pretrained(tiny_qwen3_embedder).score("q", ["d"]).shape == (1,)
