@@ -320,7 +320,8 @@ def main() -> None:
                                "--threads", str(args.threads), "--inner-repeats", str(args.inner_repeats)]
                     done = subprocess.run(command, capture_output=True, text=True, check=False)
                     if done.returncode:
-                        raise SystemExit(f"{name} {workload} {impl} failed:\n{done.stderr[-4000:]}")
+                        raise SystemExit(f"{name} {workload} {impl} failed (exit {done.returncode}):\n"
+                                         f"{done.stderr[-4000:]}")
                     runs[impl].append(json.loads(done.stdout.strip().splitlines()[-1]))
             rows.append(summarise(name, workload, runs, tokens, len(texts)))
             print(f"{name} {workload}: packed {rows[-1]['packed']['tokens_per_s']:.0f} tok/s, padded "

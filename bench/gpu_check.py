@@ -45,7 +45,7 @@ OPTIONAL = ("datasets", "faiss", "deepspeed", "flash_attn", "pydantic", "qwen_to
 # Sizes: the real check, and the dry run (tiny model, CPU, seconds).
 SIZES = {
     "gpu": {"shape": "0.6B", "device": "cuda", "mixed_precision": "bf16", "encode_dtype": "bfloat16",
-            "train_rows": 128, "train_negatives": 1, "train_max_length": 512, "mini_batch": 64,
+            "train_rows": 128, "train_negatives": 1, "train_max_length": 512, "mini_batch": 32,
             "warmup_steps": 2, "timed_steps": 4, "matryoshka": [1024, 512, 256, 128, 64],
             "max_batch_texts": [1024, 4096], "max_batch_length": 512, "max_batch_chunk": 16,
             "encode_texts": 2048, "encode_batch": 64, "encode_max_length": 512, "matmul": 8192,
@@ -218,10 +218,17 @@ def same_batches(cfg, rows: list[dict]) -> list:
     return [contrastive_texts(sampler.next_batch(), cfg.seed) for _ in range(cfg.max_steps)]
 
 
-def peak_gib() -> float | None:
+def allocated_gib() -> float | None:
     import torch
 
-    return torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else None
+    return torch.cuda.memory_allocated() / 2**30 if torch.cuda.is_available() else None
+
+
+def peak_gib(base: float | None) -> float | None:
+    """Peak CUDA allocation since the last reset, above `base` (what was allocated at the start)."""
+    import torch
+
+    return torch.cuda.max_memory_allocated() / 2**30 - base if torch.cuda.is_available() else None
 
 
 def run_ours(ctx: Context, cfg, rows: list[dict], warmup: int) -> dict:
@@ -229,6 +236,7 @@ def run_ours(ctx: Context, cfg, rows: list[dict], warmup: int) -> dict:
     from embedforge.train.trainer import train
 
     ctx.free()
+    base = allocated_gib()
     start = time.perf_counter()
     result = train(cfg, inline_data={"gpu-check": rows})
     wall = time.perf_counter() - start
@@ -238,7 +246,7 @@ def run_ours(ctx: Context, cfg, rows: list[dict], warmup: int) -> dict:
     timed = steps[warmup:]
     seconds = steps[-1]["elapsed_s"] - (steps[warmup - 1]["elapsed_s"] if warmup else 0.0)
     return {"seconds": seconds, "steps": len(timed), "tokens": sum(r["tokens"] for r in timed),
-            "loss": [r["loss"] for r in steps], "peak_gib": peak_gib(), "wall_s": wall,
+            "loss": [r["loss"] for r in steps], "peak_gib": peak_gib(base), "allocated_before_gib": base, "wall_s": wall,
             "warnings": list(result.warnings)}
 
 
@@ -248,6 +256,7 @@ def run_sentence_transformers(ctx: Context, folder: Path, batches: list, chunk: 
     from sentence_transformers.losses import CachedMultipleNegativesRankingLoss, MatryoshkaLoss
 
     ctx.free()
+    base = allocated_gib()
     device = ctx.device
     model = SentenceTransformer(str(folder), device=device)
     model.max_seq_length = max_length
@@ -277,7 +286,7 @@ def run_sentence_transformers(ctx: Context, folder: Path, batches: list, chunk: 
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     out = {"seconds": seconds, "steps": len(batches) - ctx.size["warmup_steps"], "loss": losses,
-           "peak_gib": peak_gib()}
+           "peak_gib": peak_gib(base), "allocated_before_gib": base}
     del model, base, loss, optimizer
     return out
 

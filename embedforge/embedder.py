@@ -358,10 +358,11 @@ class Embedder:
             dim: Matryoshka width, the Qwen3 convention: truncate to `dim`, then renormalise.
             max_length: tokens per text (default: the model's).
             show_progress: alias of show_progress_bar.
-            packing: decoders only. True: each forward packs its texts into `batch_size` rows as
-                wide as its longest text (no padding between texts, so more texts per forward);
-                False: `batch_size` texts padded to the longest; "auto" (default): packed when that
-                computes fewer positions. The vectors are the same either way (fp32: within rounding).
+            packing: decoders only. False: forwards of `batch_size` texts padded to the longest;
+                True: the same forwards with the shortest texts moved into their padding (several
+                texts per row, each attending only to itself), so there are fewer forwards and none
+                larger; "auto" (default): packed when that computes fewer positions. The vectors are
+                the same either way (float32: within rounding). Encoders always pad.
         """
         single = isinstance(texts, str)
         texts = check_texts([texts] if single else texts)

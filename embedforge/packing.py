@@ -6,9 +6,9 @@ keeps every text to itself: a block-diagonal causal mask for SDPA and eager atte
 (`masking_utils.find_packed_sequence_indices`), variable-length kernels for flash-attention
 (`prepare_fa_kwargs_from_position_ids`, which needs the whole batch in ONE row). Both need the
 forward to run without a KV cache (`use_cache=False`): with one, transformers ignores the packing
-and every text attends to the texts before it in its row. Each text's
-vector is then read at its own last token (or first, or the mean of its tokens), so a packed
-forward gives the vectors of the padded one without computing a single padding token.
+and every text attends to the texts before it in its row. Each text's vector is then read at its
+own last token (or first, or the mean of its tokens), so a packed forward gives the vectors of the
+padded one without computing padding between texts.
 
 The rows are filled greedily by length (best fit, longest text first) and are never wider than the
 longest text they hold, so a packed row costs no more attention than a row of the padded batch.
@@ -188,11 +188,6 @@ def real_tokens(features: Mapping[str, torch.Tensor]) -> int:
     if is_packed(features):
         return int((features[TEXT_INDEX] >= 0).sum())
     return int(features["attention_mask"].sum())
-
-
-def slots(features: Mapping[str, torch.Tensor]) -> int:
-    """Positions the forward computes, padding included."""
-    return int(features["input_ids"].numel())
 
 
 def pool_packed(hidden: torch.Tensor, features: Mapping[str, torch.Tensor], mode: str) -> torch.Tensor:
