@@ -80,6 +80,7 @@ def main() -> int:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--output", default=str(RESULTS / "export_onnx"), help="results path without suffix")
+    parser.add_argument("--note", default="", help="a line stored with the results (e.g. the machine was busy)")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
 
@@ -132,7 +133,7 @@ def main() -> int:
         "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
         "export_seconds": round(export_seconds, 1), "int8": {k: int8_facts[k] for k in ("quantization",
                                                                                         "quantized_products")},
-        "rows": rows, "gate": [c for c in outcome.checks if c["name"].startswith("onnx")],
+        "rows": rows, "gate": [c for c in outcome.checks if c["name"].startswith("onnx")], "note": args.note,
     }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -142,6 +143,8 @@ def main() -> int:
                   f"median of {args.repeats} repeats. int8: {result['int8']['quantization']}."), "",
              "| format | file MB | size vs PyTorch | texts/s | speed vs PyTorch | max abs diff | min cosine |",
              "|---|---:|---:|---:|---:|---:|---:|"]
+    if args.note:
+        lines[2:2] = [f"Note: {args.note}", ""]
     lines += [f"| {r['format']} | {r['file_mb']} | {r['size_vs_pytorch']:.2f}x | {r['texts_per_s']} | "
               f"{r['speed_vs_pytorch']:.2f}x | {r['max_abs_diff']:.2e} | {r['min_cosine']:.5f} |" for r in rows]
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
