@@ -19,9 +19,32 @@ T = TypeVar("T", bound=BaseModel)
 
 
 class StrictModel(BaseModel):
-    """A config section: unknown keys are errors (a typo must never be silently ignored)."""
+    """A config section: unknown keys are errors (a typo must never be silently ignored).
+
+    Built directly from Python, a bad value raises `ConfigError` naming the class and the key, as
+    the same value read from YAML or flags does (`validate` names the file)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
+
+    def __init__(self, **data: Any) -> None:
+        try:
+            super().__init__(**data)
+        except ValidationError as exc:
+            raise ConfigError(format_validation_error(exc, type(self).__name__)) from None
+
+    # pydantic's own model_validate must not go through the __init__ above: `validate` formats its
+    # errors with the file the values came from.
+    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
+
+
+def format_validation_error(exc: ValidationError, source: str) -> str:
+    """One line per bad key: `source: a.b.c: message`."""
+    lines = []
+    for err in exc.errors():
+        loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
+        lines.append(f"{source}: {loc}: {msg}")
+    return "\n".join(lines)
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:
@@ -98,12 +121,7 @@ def validate(model_cls: type[T], data: dict[str, Any], source: str = "config") -
     try:
         return model_cls.model_validate(data)
     except ValidationError as exc:
-        lines = []
-        for err in exc.errors():
-            loc = ".".join(str(p) for p in err["loc"]) or "(top level)"
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"{source}: {loc}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(format_validation_error(exc, source)) from None
 
 
 def load_config(model_cls: type[T], path: str | os.PathLike | None = None, overrides: list[str] | None = None,

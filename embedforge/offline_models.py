@@ -239,6 +239,14 @@ def minilm_folder() -> Path:
 
 
 BUILTIN_MODELS = {"builtin:minilm": minilm_folder, "builtin:smollm2": smollm2_folder}
+# What each offline model is on the Hub: model cards and provenance name the real model.
+BUILTIN_HUB_IDS = {"builtin:minilm": "sentence-transformers/all-MiniLM-L6-v2",
+                   "builtin:smollm2": "HuggingFaceTB/SmolLM2-135M-Instruct"}
+
+
+def public_name(name: str) -> str:
+    """The Hub id of a built-in model, else the name as given (a Hub id or a folder)."""
+    return BUILTIN_HUB_IDS.get(name, name)
 
 
 def resolve_builtin(name: str) -> str:

@@ -20,6 +20,7 @@ from pydantic import BaseModel, Field
 
 from embedforge.errors import EmbedforgeError, InputError
 from embedforge.io import iter_jsonl, write_jsonl
+from embedforge.offline_models import public_name
 from embedforge.outcome import StageOutcome
 from embedforge.provenance import read_provenance, write_provenance
 from embedforge.recipe import Recipe
@@ -173,7 +174,7 @@ def base_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageOutcom
         from embedforge.reranker import Reranker
 
         Reranker.from_pretrained(recipe.model, dtype="float32").save_pretrained(folder)
-    write_provenance(folder, [], "base", model=recipe.model)
+    write_provenance(folder, [], "base", model=public_name(recipe.model))
     return StageOutcome(output=str(folder))
 
 
@@ -206,7 +207,8 @@ def train_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> TrainStage
                          key=lambda path: int(Path(path).parent.name.split("-")[-1]))
     final = work / "final"
     trail = read_provenance(*(inputs.get("train"),))
-    write_provenance(final, trail, "train", config=config.model_dump(mode="json", exclude={"data"}),
+    write_provenance(final, trail, "train", base_model=public_name(recipe.model),
+                     config=config.model_dump(mode="json", exclude={"data"}),
                      data=[{k: v for k, v in d.items() if k != "path"} for d in data],
                      steps=result.steps, final_metrics=_numbers(result.last_metrics),
                      warnings=list(getattr(result, "warnings", [])))
@@ -271,7 +273,8 @@ def export_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageOutc
     wiring: dict[str, Any] = {"model": inputs["model"], "output": str(out / "model"), "overwrite": True,
                               "kind": "embedder" if recipe.task == "embedding" else "reranker",
                               "eval_results": json.loads(inputs.get("eval_results", "[]")),
-                              "base_model": recipe.model}
+                              "base_model": public_name(recipe.model), "model_name": recipe.name,
+                              "repo_id": recipe.export.repo_id or recipe.export.push_to_hub}
     if recipe.task == "embedding":
         wiring["default_instruction"] = recipe.export.default_instruction or recipe.instruction
     return export(section_config(recipe.export, ExportConfig, **wiring))

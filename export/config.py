@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from embedforge.config import StrictModel
 from embedforge.errors import ConfigError
@@ -57,18 +57,6 @@ class ExportConfig(StrictModel):
     private: bool = Field(False, description="create the Hub repo private")
     revision: str | None = Field(None, description="Hub branch to push to (created if missing)")
 
-    def __init__(self, **data: Any) -> None:
-        # Built directly (Python API), a bad value is a ConfigError naming the key, as from YAML or flags.
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise ConfigError("; ".join(
-                f"ExportConfig: {'.'.join(map(str, e['loc'])) or '(top level)'}: "
-                + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, "))
-                for e in exc.errors())) from None
-
-    # `embedforge.config.validate` formats model_validate's errors itself; keep it off the __init__ above.
-    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
     @field_validator("model", "output", "card_metadata", mode="before")
     @classmethod

@@ -10,7 +10,7 @@ import os
 from pathlib import Path
 from typing import Any, Literal
 
-from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from embedforge.config import StrictModel
 from embedforge.errors import ConfigError
@@ -83,19 +83,6 @@ class MergeConfig(StrictModel):
     dry_run: bool = Field(False, description="only report the cosines; write no model")
     show_progress: bool = Field(True, description="progress bar")
 
-    def __init__(self, **data: Any) -> None:
-        # Built directly (Python API), a bad value is a ConfigError naming the key, as from YAML or flags.
-        try:
-            super().__init__(**data)
-        except ValidationError as exc:
-            raise ConfigError("; ".join(
-                f"MergeConfig: {'.'.join(map(str, e['loc'])) or '(top level)'}: "
-                + ("unknown key" if e["type"] == "extra_forbidden" else e["msg"].removeprefix("Value error, "))
-                for e in exc.errors())) from None
-
-    # pydantic must not route `model_validate` through the __init__ above: `embedforge.config.validate`
-    # formats its ValidationError itself, with the file the values came from.
-    __init__.__pydantic_base_init__ = True  # type: ignore[attr-defined]
 
     @field_validator("models", mode="before")
     @classmethod
