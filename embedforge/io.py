@@ -305,6 +305,14 @@ def output_lock(output: str | os.PathLike) -> Iterator[Path]:
         yield lock
 
 
+def publishable(folder: str | os.PathLike) -> None:
+    """Folders 0755, files 0644: temporary folders and files are created owner-only, and a model
+    folder is meant to be shared."""
+    os.chmod(folder, 0o755)
+    for path in Path(folder).rglob("*"):
+        os.chmod(path, 0o755 if path.is_dir() else 0o644)
+
+
 def write_jsonl(path: str | os.PathLike, rows: Iterable[dict[str, Any]]) -> int:
     """Write rows atomically; returns the number written."""
     count = 0

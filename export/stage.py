@@ -137,7 +137,7 @@ def export(config: ExportConfig) -> ExportOutcome:
     (the model's trail plus this export) and `README.md`, the model card rendered from that trail.
     """
     from embedforge.export import gate, model_card
-    from embedforge.merge.stream import publishable
+    from embedforge.io import publishable
     from embedforge.provenance import read_provenance, write_provenance
 
     config.check_ready()

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from embedforge.errors import ConfigError, InputError
-from embedforge.io import atomic_dir, write_json
+from embedforge.io import atomic_dir, publishable, write_json
 from embedforge.merge.config import MergeConfig
 from embedforge.merge.stage import REPORT_NAME, MergeOutcome, merge
-from embedforge.merge.stream import publishable
 
 
 @dataclass

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from embedforge.errors import InputError
-from embedforge.io import atomic_dir, write_json
+from embedforge.io import atomic_dir, publishable, write_json
 from embedforge.merge import methods
 from embedforge.merge.config import MergeConfig
 from embedforge.merge.diagnostics import CosineTracker
@@ -32,7 +32,6 @@ from embedforge.merge.stream import (
     TensorSource,
     check_compatible,
     copy_support_files,
-    publishable,
 )
 from embedforge.outcome import StageOutcome
 from embedforge.provenance import read_provenance, write_provenance

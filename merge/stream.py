@@ -410,9 +410,3 @@ def copy_support_files(source: Path, destination: Path) -> CopiedSupport:
     return CopiedSupport(notes, dropped)
 
 
-def publishable(folder: Path) -> None:
-    """Folders 0755, files 0644: temporary folders and files are created owner-only, and a model
-    folder is meant to be shared."""
-    os.chmod(folder, 0o755)
-    for path in Path(folder).rglob("*"):
-        os.chmod(path, 0o755 if path.is_dir() else 0o644)
