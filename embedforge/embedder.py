@@ -119,9 +119,9 @@ def _read_sentence_transformers_layout(source: str) -> tuple[str, EmbedderSpec] 
     own = modeling.read_json_if_exists(source, "embedforge.json") or {}
     spec = EmbedderSpec(
         pooling=mode,
-        append_eos=mode == "lasttoken",
+        append_eos=bool(own.get("append_eos", mode == "lasttoken")),
         eos_token=own.get("eos_token", QWEN_EOS),
-        padding_side="left" if mode == "lasttoken" else "right",
+        padding_side=own.get("padding_side", "left" if mode == "lasttoken" else "right"),
         max_length=int(st_cfg.get("max_seq_length") or 8192),
         prompts=dict(extra.get("prompts") or {}),
         matryoshka_dims=list(own.get("matryoshka_dims") or []),
@@ -139,7 +139,13 @@ def infer_spec(source: str) -> tuple[str, EmbedderSpec]:
     if own:
         return "", EmbedderSpec(**own)
     if modeling.is_decoder_config(config):
-        return "", EmbedderSpec()
+        # A causal language model (SmolLM2, a Qwen3 base) is not an embedder yet: pool its last real
+        # token, as sentence-transformers does. Its EOS is often the pretraining document separator,
+        # whose state ignores the text, and contrastive training from it collapses
+        # (bench/results/train_decoder_vs_st.md). A bare decoder body (Qwen3Model, the layout of
+        # Qwen3-Embedding) is an embedder: EOS appended once, pooled there.
+        archs = config.get("architectures") or []
+        return "", EmbedderSpec(append_eos=not any(a.endswith("ForCausalLM") for a in archs))
     return "", EmbedderSpec(pooling="mean", append_eos=False, eos_token=None, padding_side="right", max_length=512)
 
 

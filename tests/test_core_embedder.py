@@ -143,18 +143,21 @@ def test_saved_embedder_loads_in_sentence_transformers_with_same_vectors(tiny_qw
 
 
 @pytest.mark.slow
-def test_smollm2_decoder_uses_last_token_after_one_eos(smollm2):
+def test_smollm2_causal_lm_pools_its_last_real_token(smollm2):
+    # A causal LM is not an embedder yet: its EOS (SmolLM2's pretraining document separator) carries
+    # almost nothing of the text, so the state of the last real token is pooled, as sentence-transformers'
+    # lasttoken pooling does. An embedder folder that declares EOS pooling keeps it.
     from transformers import AutoModel, AutoTokenizer
 
     emb = Embedder.from_pretrained(smollm2)
+    assert not emb.spec.append_eos
     texts = ["a short one", "a somewhat longer text about embeddings and pooling"]
     got = emb.encode(texts)
     tok = AutoTokenizer.from_pretrained(smollm2)
     model = AutoModel.from_pretrained(smollm2).eval()
-    eos = tok.convert_tokens_to_ids("<|endoftext|>")
     rows = []
     for t in texts:
-        ids = torch.tensor([tok(t)["input_ids"] + [eos]])
+        ids = torch.tensor([tok(t)["input_ids"]])
         with torch.no_grad():
             rows.append(F.normalize(model(input_ids=ids).last_hidden_state[0, -1], dim=0).numpy())
     np.testing.assert_allclose(got, np.stack(rows), atol=1e-4)
