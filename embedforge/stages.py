@@ -211,10 +211,10 @@ def train_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> TrainStage
                      config=config.model_dump(mode="json", exclude={"data"}),
                      data=[{k: v for k, v in d.items() if k != "path"} for d in data],
                      steps=result.steps, final_metrics=_numbers(result.last_metrics),
-                     warnings=list(getattr(result, "warnings", [])))
+                     decisions=list(result.decisions), warnings=list(result.warnings))
     outcome = TrainStageOutcome(output=str(final), steps=result.steps, checkpoints=checkpoints,
                                 final_metrics=_numbers(result.last_metrics))
-    for warning in getattr(result, "warnings", []):
+    for warning in result.warnings:
         outcome.warn(warning)
     return outcome
 
