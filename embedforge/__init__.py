@@ -38,7 +38,11 @@ _EXPORTS = {
     "run": "embedforge.pipeline",
     "Recipe": "embedforge.recipe",
 }
-__all__ = ["__version__", *_EXPORTS]
+__all__ = [  # noqa: RUF022 - grouped as in _EXPORTS
+    "__version__", "Embedder", "Reranker", "StageOutcome", "synthesize", "SynthConfig", "filter_pairs",
+    "FilterConfig", "mine", "MineConfig", "train", "TrainConfig", "merge", "MergeConfig", "export", "ExportConfig",
+    "evaluate", "EvalConfig", "report", "ReportConfig", "run", "Recipe",
+]
 
 
 def __getattr__(name: str) -> Any:

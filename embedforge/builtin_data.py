@@ -96,8 +96,8 @@ def debian_packages(status: str | Path = DPKG_STATUS, min_words: int = 20) -> Bu
         raise InputError("no Debian package database (not a Debian-based system)", path=str(path))
     found: list[tuple[str, str, str]] = []
     for block in path.read_text(encoding="utf-8", errors="replace").split("\n\n"):
-        package = re.search(r"^Package: (\S+)", block, re.M)
-        description = re.search(r"^Description: (.*)\n((?: .*(?:\n|$))*)", block, re.M)
+        package = re.search(r"^Package: (\S+)", block, re.MULTILINE)
+        description = re.search(r"^Description: (.*)\n((?: .*(?:\n|$))*)", block, re.MULTILINE)
         if not package or not description:
             continue
         lines = [line[1:] for line in description.group(2).splitlines()]

@@ -111,13 +111,13 @@ def read_json_if_exists(folder: str, filename: str) -> dict[str, Any] | None:
             return None
     else:
         from huggingface_hub import hf_hub_download
-        from huggingface_hub.errors import EntryNotFoundError
+        from huggingface_hub.errors import EntryNotFoundError, HfHubHTTPError, LocalEntryNotFoundError
 
         try:
             path = hf_hub_download(folder, filename)
         except EntryNotFoundError:
             return None
-        except Exception as exc:  # offline, gated, missing repo: say which model and why
+        except (HfHubHTTPError, LocalEntryNotFoundError, OSError, ValueError) as exc:  # gated, missing, offline
             if filename == "config.json":
                 raise ModelLoadError(f"{folder}: cannot fetch from the Hugging Face Hub ({type(exc).__name__})") from None
             return None

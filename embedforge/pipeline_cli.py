@@ -45,7 +45,7 @@ def recipes_dir() -> Path:
     """`recipes/` as installed (a data-only package in the wheel) or beside the package in a checkout."""
     spec = importlib.util.find_spec("embedforge.recipes")
     if spec is not None and spec.submodule_search_locations:
-        return Path(list(spec.submodule_search_locations)[0])
+        return Path(next(iter(spec.submodule_search_locations)))
     return Path(__file__).resolve().parent.parent / "recipes"
 
 
