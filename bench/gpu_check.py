@@ -427,8 +427,8 @@ def markdown(report: dict) -> str:
              f"{env.get('transformers')}, sentence-transformers {env.get('sentence_transformers')}; missing: "
              f"{', '.join(env.get('missing_optional', [])) or 'none'}."), ""]
     if report["dry_run"]:
-        lines += ["Dry run: the tiny Qwen3 on the CPU, small sizes. It proves the code paths run; its figures "
-                  "mean nothing.", ""]
+        lines += [("Dry run: the tiny Qwen3 on the CPU, small sizes. It proves the code paths run; its figures "
+                  "mean nothing."), ""]
     for name, part in report["parts"].items():
         lines.append(f"## {name}")
         if "error" in part or "not_run" in part:
