@@ -139,4 +139,9 @@ def run_mine(args: argparse.Namespace) -> int:
         f"{outcome.seconds:.1f} s -> {outcome.output}",
         file=sys.stderr,
     )
+    if outcome.teacher_pair_accuracy is not None:
+        print(f"mine: teacher scored {outcome.teacher_pairs_scored} pairs ({outcome.teacher_pairs_reused} reused); "
+              f"positive above negative in {outcome.teacher_pair_accuracy:.0%} of pairs, "
+              f"{outcome.teacher_rows_prefer_negative} rows prefer a negative, {outcome.dropped_teacher_rows} dropped",
+              file=sys.stderr)
     return _finish(outcome, args)

@@ -7,6 +7,10 @@ hash, so exact duplicates elsewhere in the corpus are caught too), when it score
 of the positive (score > pos_score - margin; the Qwen3 loss mask corresponds to margin = -0.1), or
 when an optional reranker judges it relevant.
 
+With a `teacher` (a yes/no reranker or a sequence-classification export), every written row also
+carries `teacher_scores`: the teacher's log-odds for the positive, then for each negative in order
+(data_synth/teacher.py), which train/distill.py turns into a margin-MSE or KL distillation loss.
+
 Ranks are positions in the teacher's raw ranking of the corpus (0 = most similar), counted before
 any candidate is removed, so `rank_range` means the same thing whatever the filters drop.
 """
@@ -22,7 +26,7 @@ import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 from pydantic import Field, model_validator
@@ -33,6 +37,7 @@ from embedforge.data_synth.gates import Row, encode_rows
 from embedforge.data_synth.shards import shard_name
 from embedforge.errors import ConfigError, InputError
 from embedforge.io import atomic_path, check_output, output_lock, read_json_file, write_json, write_jsonl
+from embedforge.offline_models import public_name
 from embedforge.outcome import StageOutcome
 from embedforge.provenance import read_provenance, write_provenance
 from embedforge.templates import DEFAULT_RETRIEVAL_INSTRUCTION
@@ -67,6 +72,16 @@ class MineConfig(StrictModel):
     seed: int = 0
     reranker: str | None = None
     reranker_threshold: float = Field(default=0.5, ge=0, le=1)
+    teacher: str | None = Field(default=None, description="reranker whose log-odds label every (query, positive) "
+                                "and (query, negative) pair as `teacher_scores`, for distillation")
+    teacher_template: Literal["auto", "qwen3", "chatml"] = Field(
+        default="auto", description="yes/no prompt: qwen3 (empty think block), chatml (a bare assistant turn), "
+        "auto: qwen3 when the tokenizer has a <think> token")
+    teacher_max_length: int = Field(default=1024, ge=32, description="token limit of a teacher prompt")
+    teacher_batch_size: int = Field(default=16, ge=1)
+    teacher_drop_margin: float | None = Field(
+        default=None, description="drop a row whose teacher scores a negative this many log-odds above the "
+        "positive; unset: keep every row (the distillation loss learns from them)")
     keep_existing_negatives: bool = True
     shard_index: int = Field(default=0, ge=0)
     num_shards: int = Field(default=1, ge=1)
@@ -91,6 +106,12 @@ class MineReport:
     dropped_positive_or_duplicate: int = 0
     dropped_false_negative_margin: int = 0
     dropped_reranker: int = 0
+    teacher_pairs_scored: int = 0
+    teacher_pairs_reused: int = 0
+    teacher_pair_accuracy: float | None = None
+    teacher_rows_prefer_negative: int = 0
+    dropped_teacher_rows: int = 0
+    teacher_s: float = 0.0
     chunks_computed: int = 0
     chunks_reused: int = 0
     embed_corpus_s: float = 0.0
@@ -277,8 +298,12 @@ def mine_rows(
     reranker=None,
     embed_only: bool = False,
     show_progress: bool = False,
+    teacher=None,
 ) -> MineReport:
-    """Mine this shard's rows; writes `mined-XXXXX-of-YYYYY.jsonl` and a report into output_dir."""
+    """Mine this shard's rows; writes `mined-XXXXX-of-YYYYY.jsonl` and a report into output_dir.
+
+    teacher: a `data_synth.teacher.TeacherScorer`; each written row then carries `teacher_scores`.
+    """
     from embedforge.embedder import Embedder
 
     report = MineReport(corpus=len(passages), index=config.index)
@@ -360,6 +385,9 @@ def mine_rows(
                 "negative_ranks": sel.ranks,
                 "reranker": config.reranker,
             }
+            if teacher is not None:
+                row["provenance"]["mining"].update(teacher=public_name(config.teacher or teacher.name),
+                                                   teacher_template=teacher.template)
             report.negatives += len(mined)
             report.rows_short += len(mined) < config.num_negatives
             report.candidates += sel.candidates
@@ -367,6 +395,8 @@ def mine_rows(
             report.dropped_false_negative_margin += sel.dropped_margin
             report.dropped_reranker += sel.dropped_reranker
     report.search_s = time.monotonic() - t
+    if teacher is not None:
+        mine_rows = _teacher_scores(mine_rows, teacher, config, out, report)
     tag = (config.shard_index, config.num_shards)
     write_jsonl(out / shard_name("mined", *tag), mine_rows)
     report.total_s = time.monotonic() - began
@@ -378,9 +408,22 @@ def mine_rows(
     return report
 
 
+def _teacher_scores(rows: list[dict], teacher, config: MineConfig, out: Path, report: MineReport) -> list[dict]:
+    from embedforge.data_synth.teacher import cache_folder, score_rows
+
+    folder = cache_folder(out, config.teacher or teacher.name, teacher.template, teacher.max_length)
+    kept, counts = score_rows(rows, teacher, folder, config.teacher_drop_margin)
+    report.teacher_pairs_scored, report.teacher_pairs_reused = counts.scored, counts.reused
+    report.teacher_pair_accuracy = counts.pair_accuracy
+    report.teacher_rows_prefer_negative = counts.rows_prefer_negative
+    report.dropped_teacher_rows = counts.dropped_rows
+    report.teacher_s = counts.seconds
+    return kept
+
+
 # Settings that change how a run goes, never what it writes.
 _RUN_ONLY = {"data", "corpus", "output", "device", "progress", "embed_only", "overwrite", "use_gpu", "chunk_size",
-             "batch_size", "query_batch"}
+             "batch_size", "query_batch", "teacher_batch_size"}
 
 
 def run_identity(config: MineConfig, rows: Sequence[Row], passages: Sequence[Passage]) -> dict[str, Any]:
@@ -428,6 +471,7 @@ def load_mine_corpus(path: str | os.PathLike, **kwargs: Any) -> list[Passage]:
 
 SHORT_ROWS = 0.5  # warn when more than this share of the rows got fewer than K negatives
 MARGIN_DROPS = 0.5  # warn when the margin dropped more than this share of the candidates
+TEACHER_ACCURACY = 0.6  # warn when the teacher prefers the positive in fewer (query, positive, negative) pairs
 
 
 class MineOutcome(StageOutcome):
@@ -441,6 +485,13 @@ class MineOutcome(StageOutcome):
     dropped_positive_or_duplicate: int = 0
     dropped_false_negative_margin: int = 0
     dropped_reranker: int = 0
+    teacher_pairs_scored: int = Field(0, description="(query, document) pairs the teacher scored in this run")
+    teacher_pairs_reused: int = Field(0, description="pairs whose teacher score came from an earlier run")
+    teacher_pair_accuracy: float | None = Field(None, description="share of (positive, negative) pairs where the "
+                                                "teacher scores the positive higher")
+    teacher_rows_prefer_negative: int = Field(0, description="rows where the teacher scores a negative above the "
+                                              "positive")
+    dropped_teacher_rows: int = Field(0, description="rows dropped by teacher_drop_margin")
     files: list[str] = Field(default_factory=list, description="the mined-*.jsonl shard(s) written")
     seconds: float = 0.0
 
@@ -460,8 +511,8 @@ def mine(config: MineConfig) -> MineOutcome:
         raise ConfigError("mine: `data` is not set (pairs JSONL file(s) or synth/filter output folder(s))")
     from embedforge.data_synth.filtering import read_pairs
 
-    check_output(config.output, [*(config.data or []), config.corpus, config.model, config.reranker],
-                 resumable=True)
+    check_output(config.output, [*(config.data or []), config.corpus, config.model, config.reranker,
+                                 config.teacher], resumable=True)
     passages = load_mine_corpus(config.corpus)  # bad input fails before anything is written or loaded
     rows = [] if config.embed_only else read_pairs(config.data)[0]
     if not rows and not config.embed_only:
@@ -481,8 +532,17 @@ def _mine_locked(config: MineConfig, rows: list[Row], passages: list[Passage]) -
         from embedforge.reranker import Reranker
 
         reranker = Reranker.from_pretrained(resolve_model(config.reranker), device=config.device)
+    teacher = None
+    if config.teacher and not config.embed_only:
+        from embedforge.data_synth.teacher import TeacherScorer
+        from embedforge.reranker import Reranker
+
+        judge = reranker if reranker is not None and config.reranker == config.teacher else \
+            Reranker.from_pretrained(resolve_model(config.teacher), device=config.device)
+        teacher = TeacherScorer(judge, template=config.teacher_template, max_length=config.teacher_max_length,
+                                batch_size=config.teacher_batch_size)
     report = mine_rows(rows, passages, config, config.output, embedder=embedder, reranker=reranker,
-                       embed_only=config.embed_only, show_progress=config.progress)
+                       embed_only=config.embed_only, show_progress=config.progress, teacher=teacher)
     tag = (config.shard_index, config.num_shards)
     outcome = MineOutcome(
         output=config.output,
@@ -494,6 +554,11 @@ def _mine_locked(config: MineConfig, rows: list[Row], passages: list[Passage]) -
         dropped_positive_or_duplicate=report.dropped_positive_or_duplicate,
         dropped_false_negative_margin=report.dropped_false_negative_margin,
         dropped_reranker=report.dropped_reranker,
+        teacher_pairs_scored=report.teacher_pairs_scored,
+        teacher_pairs_reused=report.teacher_pairs_reused,
+        teacher_pair_accuracy=report.teacher_pair_accuracy,
+        teacher_rows_prefer_negative=report.teacher_rows_prefer_negative,
+        dropped_teacher_rows=report.dropped_teacher_rows,
         files=[] if config.embed_only else [str(Path(config.output) / shard_name("mined", *tag))],
         seconds=round(report.total_s, 3),
     )
@@ -504,6 +569,8 @@ def _mine_locked(config: MineConfig, rows: list[Row], passages: list[Passage]) -
             read_provenance(*(config.data or []), config.corpus),
             "mine",
             model=config.model,
+            teacher=None if teacher is None else {"model": public_name(config.teacher),
+                                                  "template": teacher.template, "score": "log-odds of yes"},
             settings=config.model_dump(exclude={"data", "corpus", "output", "device", "progress", "overwrite"}),
             corpus=len(passages),
             counts=outcome.metrics(),
@@ -531,3 +598,11 @@ def _warn(outcome: MineOutcome, config: MineConfig) -> None:
                      f"{config.rank_start}:{config.rank_end})")
     if margin_share > MARGIN_DROPS:
         outcome.warn(f"mine: {why}; the teacher scores many passages close to the positives")
+    accuracy = outcome.teacher_pair_accuracy
+    if accuracy is not None and accuracy < TEACHER_ACCURACY:
+        outcome.warn(f"mine: the teacher {public_name(config.teacher)} scores the positive above a mined negative "
+                     f"in only {accuracy:.0%} of pairs: as a distillation teacher it would mostly teach noise "
+                     "(too weak a model for this data, or the wrong teacher_template)")
+    if outcome.dropped_teacher_rows:
+        outcome.warn(f"mine: teacher_drop_margin ({config.teacher_drop_margin:g}) dropped "
+                     f"{outcome.dropped_teacher_rows} of {outcome.rows} rows")
