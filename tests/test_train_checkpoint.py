@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import json
 import shutil
+import subprocess
+import sys
 
 import pytest
 import torch
@@ -17,7 +19,9 @@ from embedforge.errors import ConfigError
 from embedforge.train.checkpoint import (
     COMPLETE_MARKER,
     complete_checkpoints,
+    foreign_checkpoints,
     latest_checkpoint,
+    new_partial,
     read_trainer_state,
     remove_incomplete,
 )
@@ -35,7 +39,7 @@ def data_path(tmp_path_factory):
 
 
 
-def test_only_complete_checkpoints_count(tmp_path):
+def test_only_complete_checkpoints_count_and_only_our_own_leftovers_are_removed(tmp_path):
     for name, complete in (("checkpoint-2", True), ("checkpoint-4", True), ("checkpoint-6", False),
                            ("checkpoint-8.tmp", True), ("checkpoint-x", True)):
         (tmp_path / name).mkdir()
@@ -44,9 +48,17 @@ def test_only_complete_checkpoints_count(tmp_path):
             (tmp_path / name / COMPLETE_MARKER).write_text("")
     assert [s for s, _ in complete_checkpoints(tmp_path)] == [2, 4]
     assert latest_checkpoint(tmp_path) == tmp_path / "checkpoint-4"
-    removed = sorted(p.name for p in remove_incomplete(tmp_path))
-    assert removed == ["checkpoint-6", "checkpoint-8.tmp"]
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-x"]
+    # Before: checkpoint-6 and checkpoint-8.tmp were deleted. Neither was written by embedforge (no
+    # WRITING marker from its first moment, no COMPLETE marker): they are reported, never deleted.
+    assert [p.name for p in foreign_checkpoints(tmp_path)] == ["checkpoint-6", "checkpoint-8.tmp"]
+    ours = new_partial(tmp_path, 10)  # what a kill in the middle of writing checkpoint-10 leaves
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True,
+                          check=True)
+    hidden = tmp_path / f".checkpoint-2.{int(dead.stdout)}.deleted.tmp"  # a deletion a kill interrupted
+    hidden.mkdir()
+    assert sorted(p.name for p in remove_incomplete(tmp_path)) == sorted([ours.name, hidden.name])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["checkpoint-2", "checkpoint-4", "checkpoint-6",
+                                                          "checkpoint-8.tmp", "checkpoint-x"]
 
 
 def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(tiny_qwen3_embedder, data_path, tmp_path):
@@ -63,7 +75,7 @@ def test_resume_from_a_checkpoint_ends_with_the_uninterrupted_weights(tiny_qwen3
     shutil.rmtree(out / "checkpoint-4")
     shutil.rmtree(out / "checkpoint-6")
     shutil.rmtree(out / "final")
-    (out / "checkpoint-5.tmp").mkdir()  # an interrupted write: ignored and removed
+    new_partial(out, 5)  # what a kill in the middle of writing checkpoint-5 leaves: ignored and removed
     result = train(cfg)
     assert result.steps == 6 and not (out / "checkpoint-5.tmp").exists()
     assert max_diff(weights(out / "final"), reference) < 1e-6

@@ -1,5 +1,7 @@
 """The training loop: embedders (Qwen3 InfoNCE + Matryoshka) and yes/no rerankers, one code path
-for one process, DDP, DeepSpeed ZeRO and FSDP.
+for one process, DDP, DeepSpeed ZeRO and FSDP. What differs per task (model class, loss, one step's
+forward and backward, the saved folder) is a `TrainingTask` (train/task.py); everything else, the
+loop, checkpoints, logging, signals, evaluation and export, is here.
 
 Why not `transformers.Trainer`: our step is not "forward a batch, backward a loss". A contrastive
 step embeds a whole global batch in chunks without graph (GradCache), gathers every process's
@@ -19,13 +21,12 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import functools
 import json
 import logging
 import os
 import signal
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -34,24 +35,31 @@ import torch
 from pydantic import Field
 
 from embedforge.errors import ConfigError, EmbedforgeError
-from embedforge.io import atomic_dir, write_json
+from embedforge.io import atomic_dir, atomic_path, check_output, disk_errors, output_lock, write_json
 from embedforge.outcome import StageOutcome
 from embedforge.train import checkpoint as ckpt
 from embedforge.train.config import TrainConfig
-from embedforge.train.data import Batch, MixingSampler, contrastive_texts, load_sources, reranker_groups
-from embedforge.train.defaults import default_lr
 from embedforge.train.health import CollapseGuard
+from embedforge.train.sampler import Batch, MixingSampler
+from embedforge.train.sources import load_sources
+from embedforge.train.task import make_task
 
 logger = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 RESULT_FILE = "train_result.json"
+CONFIG_FILE = "train_config.json"
+DATA_REPORT_FILE = "data_report.json"
 # Settings that fix the data order and the parameter shapes: a checkpoint only resumes a run that agrees.
 RESUME_KEYS = ("model", "task", "method", "lora", "batch_size", "seed", "data", "mixing_temperature")
 
 
 class NonFiniteLossError(EmbedforgeError):
     """The loss became NaN or infinite; raised before the optimizer step, so the weights are intact."""
+
+
+class NonFiniteWeightsError(EmbedforgeError):
+    """The weights became NaN or infinite after an optimizer step; raised instead of saving them."""
 
 
 class TrainResult(StageOutcome):
@@ -82,17 +90,20 @@ class Trainer:
 
     Args:
         config: the recipe.
-        evaluator: `evaluator(embedder) -> {"dev_ndcg_at_10": ...}`; default: built from
-            `config.eval.data` (a BEIR folder) with `embedforge.eval.retrieval.make_dev_evaluator`.
+        evaluator: `evaluator(model) -> {"dev_ndcg_at_10": ...}`; default: the task's, built from
+            `config.eval` (for embedders a BEIR folder, `embedforge.eval.retrieval.make_dev_evaluator`).
         inline_data: dataset path -> list of dicts or `datasets.Dataset`, instead of reading files.
     """
 
     def __init__(self, config: TrainConfig, *, evaluator=None, inline_data: dict[str, Any] | None = None):
         self.cfg = config
+        self.task = make_task(config)
         self.evaluator = evaluator
         self.inline_data = inline_data
         self.output_dir = Path(config.output_dir)
+        self.accelerator = None
         self._stop_signal: int | None = None
+        self._recorded = False
 
     # --- setup ------------------------------------------------------------------------------------
 
@@ -132,20 +143,9 @@ class Trainer:
             kwargs_handlers=handlers,
         )
 
-    def _load_holder(self, device):
-        """The Embedder or Reranker whose `.model` is trained (tokenisation and pooling come with it)."""
-        cfg = self.cfg
-        kwargs = {"dtype": cfg.dtype, "device": device, "attn_implementation": cfg.attn_implementation}
-        if cfg.task == "embedding":
-            from embedforge.embedder import Embedder
-
-            return Embedder.from_pretrained(cfg.model, **kwargs)
-        from embedforge.reranker import Reranker
-
-        return Reranker.from_pretrained(cfg.model, max_length=cfg.max_length, **kwargs)
-
     def _resolve_defaults(self, world: int) -> None:
-        """Fill what the recipe left open (method, lr, batch cap, steps, warmup) and log why."""
+        """Fill what the recipe left open (method, lr, batch cap, steps, warmup, the task's own
+        settings) and log why."""
         from embedforge.train.defaults import resolve
 
         parameters = sum(p.numel() for p in self.holder.model.parameters())
@@ -156,49 +156,11 @@ class Trainer:
 
         self.cfg, self.total_steps, self.decisions = resolve(
             self.cfg, parameters=parameters, source_sizes=sizes, world=world, batches_per_epoch=batches_per_epoch)
-        pooling = self._resolve_pooling()
-        if pooling:
-            self.decisions.append(pooling)
+        self.cfg, task_decisions = self.task.resolve(self.cfg, self.holder)
+        self.decisions += task_decisions
         for line in self.decisions:
             logger.info("schedule: %s", line)
-        self.guard = CollapseGuard(causes=self._likely_causes())
-
-    def _resolve_pooling(self) -> str | None:
-        """Where a decoder embedding is read: the appended EOS or the last real token (see
-        TrainConfig.append_eos). Set on the holder's spec, so training, checkpoints and the exported
-        embedforge.json agree."""
-        from embedforge import modeling
-
-        spec = getattr(self.holder, "spec", None)
-        if self.cfg.task != "embedding" or spec is None or spec.pooling != "lasttoken":
-            return None
-        wanted, why = self.cfg.append_eos, "append_eos"
-        if wanted is None:
-            source = str(self.cfg.model)
-            if any(modeling.read_json_if_exists(source, name) for name in ("modules.json", "embedforge.json")):
-                wanted, why = spec.append_eos, "as the embedder folder declares"
-            else:
-                wanted, why = False, "a language model that is not an embedder yet: its EOS state ignores the text"
-        spec.append_eos = wanted
-        where = f"the appended {spec.eos_token!r}" if wanted else "the last real token"
-        self.cfg = self.cfg.model_copy(update={"append_eos": wanted})
-        return f"pooling at {where} ({why})"
-
-    def _likely_causes(self) -> list[str]:
-        """What most often makes this configuration collapse, for the collapse guard's warning."""
-        cfg, causes = self.cfg, []
-        spec = getattr(self.holder, "spec", None)
-        if cfg.task == "embedding" and spec is not None and spec.pooling == "lasttoken" and spec.append_eos:
-            causes.append(f"pooling at the appended {spec.eos_token!r}: in a language model that was not trained "
-                          "as an embedder it is a document separator whose state ignores the text (pool the last "
-                          "real token: embedforge.json append_eos false)")
-        usual = default_lr(cfg.method, sum(p.numel() for p in self.holder.model.parameters()))
-        if cfg.lr is not None and cfg.lr > 2 * usual:
-            causes.append(f"lr {cfg.lr:g} is high for {cfg.method} fine-tuning of this model (default {usual:g})")
-        if cfg.task == "embedding" and cfg.loss.margin is not None:
-            causes.append(f"the false-negative margin {cfg.loss.margin} masks most candidates when the base model "
-                          "scores every pair alike (metric masked_margin); try loss.preset infonce")
-        return causes
+        self.guard = CollapseGuard(causes=self.task.likely_causes(self.cfg, self.holder))
 
     def _make_trainable(self, module: torch.nn.Module) -> torch.nn.Module:
         cfg = self.cfg
@@ -237,26 +199,14 @@ class Trainer:
         if ds.get("gradient_clipping", "auto") == "auto":
             ds["gradient_clipping"] = self.cfg.max_grad_norm or 0.0
 
-    def _build_loss(self, dimension: int):
-        from embedforge.train.losses import MatryoshkaLoss, Qwen3InfoNCEConfig, qwen3_infonce
-
-        lc = self.cfg.loss
-        dims = lc.matryoshka_dims
-        if dims and max(dims) > dimension:
-            raise ConfigError(f"loss.matryoshka_dims: {max(dims)} exceeds the model's embedding width {dimension}")
-        infonce = Qwen3InfoNCEConfig(
-            temperature=lc.temperature, use_hard_negatives="hard" in lc.terms, use_qq="qq" in lc.terms,
-            use_dd="dd" in lc.terms, use_qd="qd" in lc.terms, margin=lc.margin, mask_duplicates=lc.mask_duplicates,
-            exempt_hard_negatives_from_margin=lc.exempt_hard_negatives_from_margin,
-        )
-        return MatryoshkaLoss(functools.partial(qwen3_infonce, cfg=infonce), dims=dims, weights=lc.matryoshka_weights)
-
     def setup(self) -> None:
         """Accelerator, data, model, optimizer and scheduler (called by `run`; public for inspection)."""
         from accelerate.utils import DistributedType, set_seed
         from transformers import get_scheduler
 
-        self.accelerator = acc = self._build_accelerator()
+        if self.accelerator is None:
+            self.accelerator = self._build_accelerator()
+        acc = self.accelerator
         world = acc.num_processes
         if self.cfg.batch_size % world:
             raise ConfigError(f"batch_size {self.cfg.batch_size} must be divisible by the number of processes "
@@ -267,19 +217,14 @@ class Trainer:
         self.sources, self.reports = load_sources(self.cfg.data, self.inline_data)
 
         set_seed(self.cfg.seed)  # the same LoRA initialisation on every process and every attempt
-        self.holder = self._load_holder(acc.device)
+        self.holder = self.task.load(self.cfg, acc.device)
         self._resolve_defaults(world)
         cfg = self.cfg
-        if cfg.task == "embedding" and cfg.batch_size < 2 and not any(d.num_negatives for d in cfg.data):
-            raise ConfigError("batch_size 1 without hard negatives leaves the loss no negative to learn from")
+        self.task.prepare(cfg, self.holder)
         self.local_batch = cfg.batch_size // world
         self.sampler = MixingSampler(self.sources, cfg.batch_size, cfg.mixing_temperature, cfg.seed)
         self.tokenizer = self.holder.tokenizer
         self.weights_path = getattr(self.holder.model.config, "_name_or_path", "") or cfg.model
-        if cfg.task == "embedding":
-            self.loss_fn = self._build_loss(self.holder.dimension)
-            if cfg.loss.matryoshka_dims:
-                self.holder.spec.matryoshka_dims = list(cfg.loss.matryoshka_dims)
         module = self._make_trainable(self.holder.model)
         params = [p for p in module.parameters() if p.requires_grad]
         trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in module.parameters())
@@ -292,18 +237,18 @@ class Trainer:
         self.model, self.optimizer, self.scheduler = acc.prepare(module, optimizer, scheduler)
         self.holder.model = self.model  # forward through the wrapper: DDP/DeepSpeed hooks must see it
         ckpt.register_trainable_only_hooks(acc, self.model)
-        if self.evaluator is None and cfg.eval.data:
-            if cfg.task != "embedding":
-                raise ConfigError("eval.data evaluates embedders; pass an evaluator for a reranker")
-            from embedforge.eval.retrieval import make_dev_evaluator
+        if self.evaluator is None:
+            self.evaluator = self.task.default_evaluator(cfg)
 
-            self.evaluator = make_dev_evaluator(cfg.eval.data, instruction=cfg.eval.instruction, dim=cfg.eval.dim,
-                                                split=cfg.eval.split, batch_size=cfg.eval.batch_size)
+    # --- what a task's step uses (train/task.py StepRuntime) -----------------------------------------
 
-    # --- gradient bookkeeping ---------------------------------------------------------------------
+    @property
+    def local_rows(self) -> tuple[int, int]:
+        start = self.rank * self.local_batch
+        return start, start + self.local_batch
 
     @contextlib.contextmanager
-    def _accumulating(self):
+    def accumulating(self) -> Iterator[None]:
         """Backward passes inside accumulate gradients without cross-process sync: DDP's no_sync, and
         for DeepSpeed a non-boundary micro-step (accelerate passes `sync_gradients` to the engine as
         its accumulation boundary, and would otherwise step the optimizer after every chunk)."""
@@ -316,6 +261,13 @@ class Trainer:
         finally:
             state._set_sync_gradients(previous)
 
+    def check_finite(self, loss: torch.Tensor, batch: Batch) -> None:
+        if self._any_process(not bool(torch.isfinite(loss.detach()).all())):
+            raise NonFiniteLossError(
+                f"step {batch.index + 1}: loss is {loss.detach().float().item()} (non-finite on at least one "
+                f"process) on a batch of dataset {batch.source!r}: rows {batch.where()}; stopped before the "
+                "optimizer step")
+
     def _any_process(self, flag: bool) -> bool:
         """True when `flag` is True on any process (a collective when distributed)."""
         if self.accelerator.num_processes == 1:
@@ -323,103 +275,30 @@ class Trainer:
         value = torch.tensor([1.0 if flag else 0.0], device=self.accelerator.device)
         return bool(self.accelerator.reduce(value, reduction="sum").item() > 0)
 
-    def _check_finite(self, loss: torch.Tensor, batch: Batch) -> None:
-        if self._any_process(not bool(torch.isfinite(loss.detach()).all())):
-            raise NonFiniteLossError(
-                f"step {batch.index + 1}: loss is {loss.detach().float().item()} (non-finite on at least one "
-                f"process) on a batch of dataset {batch.source!r}: rows {batch.where()}; stopped before the "
-                "optimizer step")
+    def _main_says(self, value: Any) -> Any:
+        """The main process's `value`, on every process (a collective when distributed)."""
+        if self.accelerator.num_processes == 1:
+            return value
+        from accelerate.utils import broadcast_object_list
+
+        return broadcast_object_list([value])[0]
 
     # --- one step ---------------------------------------------------------------------------------
 
     def backward(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
         """Forward and backward of one global batch (this process's share): leaves the gradients in
         `.grad` without stepping the optimizer. Returns (loss, stats, tokens on this process)."""
-        if self.cfg.task == "embedding":
-            return self._embedding_step(batch)
-        return self._reranker_step(batch)
+        return self.task.step(self, batch)
 
-    def _embedding_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        from embedforge.train.distributed import gather_embedding_batch
-        from embedforge.train.gradcache import gradcache_step
-        from embedforge.train.losses import EmbeddingBatch, LossOutput, text_hashes
-
-        cfg = self.cfg
-        lo = self.rank * self.local_batch
-        texts = contrastive_texts(batch, cfg.seed).slice(lo, lo + self.local_batch)
-        n, k = len(texts.queries), texts.k
-        negatives = [neg for row in texts.negatives for neg in row]
-        neg_slots = torch.tensor([i * k + j for i, row in enumerate(texts.negatives) for j in range(len(row))],
-                                 dtype=torch.long)
-        flat = texts.queries + texts.positives + negatives
-        ids = text_hashes(texts.raw_queries + texts.positives + negatives)
-        # Length-grouped chunks: texts sorted by token count, so each forward pads as little as possible.
-        lengths = [len(t) for t in self.tokenizer(flat, add_special_tokens=False)["input_ids"]]
-        order = sorted(range(len(flat)), key=lambda i: (lengths[i], i))
-        chunk = cfg.mini_batch_size or len(flat)
-        chunks = [order[i:i + chunk] for i in range(0, len(order), chunk)]
-        features = [self.holder.tokenize([flat[i] for i in c], max_length=cfg.max_length) for c in chunks]
-        tokens = sum(int(f["attention_mask"].sum()) for f in features)
-        inverse = torch.empty(len(flat), dtype=torch.long)
-        inverse[torch.tensor(order)] = torch.arange(len(flat))
-
-        def loss_fn(embeddings: dict[str, torch.Tensor]) -> LossOutput:
-            e = embeddings["texts"][inverse.to(embeddings["texts"].device)]
-            device, dim = e.device, e.shape[1]
-            d_neg = neg_mask = neg_ids = None
-            if k:
-                slots = neg_slots.to(device)
-                d_neg = e.new_zeros(n * k, dim).index_copy(0, slots, e[2 * n:]).view(n, k, dim)
-                neg_mask = torch.zeros(n * k, dtype=torch.bool, device=device).index_fill(0, slots, True).view(n, k)
-                neg_ids = torch.zeros(n * k, dtype=torch.long, device=device)
-                neg_ids = neg_ids.index_copy(0, slots, ids[2 * n:].to(device)).view(n, k)
-            local = EmbeddingBatch(q=e[:n], d_pos=e[n:2 * n], d_neg=d_neg, neg_mask=neg_mask,
-                                   q_ids=ids[:n].to(device), pos_ids=ids[n:2 * n].to(device), neg_ids=neg_ids)
-            gathered = gather_embedding_batch(local)
-            out = self.loss_fn(gathered.pool, anchors=gathered.anchors)
-            self._check_finite(out.loss, batch)
-            return LossOutput(out.loss * gathered.loss_scale, out.stats)
-
-        if len(features) == 1:  # the whole local batch fits one forward: no GradCache detour
-            out = loss_fn({"texts": self.holder.embed(features[0])})
-            self.accelerator.backward(out.loss)
-            return out.loss.detach(), out.stats, tokens
-        out = gradcache_step(self.holder.embed, {"texts": features}, loss_fn,
-                             backward_fn=self.accelerator.backward, no_sync=self._accumulating)
-        return out.loss, out.stats, tokens
-
-    def _reranker_step(self, batch: Batch) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
-        from embedforge.train.losses import listwise_loss, pointwise_yes_no_loss
-
-        cfg = self.cfg
-        lo = self.rank * self.local_batch
-        groups = reranker_groups(batch, cfg.seed).slice_groups(lo, lo + self.local_batch)
-        size = groups.group_size
-        n_groups = len(groups.queries) // size
-        per_chunk = max(1, (cfg.mini_batch_size or n_groups * size) // size)
-        total, stats_sum, tokens = torch.zeros(()), {}, 0
-        for start in range(0, n_groups, per_chunk):
-            stop = min(start + per_chunk, n_groups)
-            part = groups.slice_groups(start, stop)
-            last = stop == n_groups
-            with contextlib.nullcontext() if last else self._accumulating():
-                features = self.holder.tokenize_pairs(part.queries, part.documents, part.instructions,
-                                                      max_length=cfg.max_length)
-                tokens += int(features["attention_mask"].sum())
-                logits = self.holder.yes_no_logits(features)
-                if cfg.loss.reranker == "pointwise":
-                    labels = torch.tensor(part.labels, device=logits.device)
-                    out = pointwise_yes_no_loss(logits, labels)
-                else:
-                    out = listwise_loss(logits, size, cfg.loss.listwise_temperature)
-                self._check_finite(out.loss, batch)
-                share = (stop - start) / n_groups
-                self.accelerator.backward(out.loss * share)
-            total = total + out.loss.detach().cpu() * share
-            for key, value in out.stats.items():
-                if torch.isfinite(value):
-                    stats_sum[key] = stats_sum.get(key, 0.0) + value.detach().cpu() * share
-        return total, stats_sum, tokens
+    def _check_finite_weights(self, step: int) -> None:
+        """Refuse to save or export weights that an optimizer step made NaN or infinite (collective)."""
+        bad = [name for name, p in self.model.named_parameters() if p.requires_grad and not bool(torch.isfinite(p).all())]
+        if self._any_process(bool(bad)):
+            where = f"e.g. {', '.join(bad[:3])}" if bad else "on another process"
+            last = ckpt.latest_checkpoint(self.output_dir)
+            raise NonFiniteWeightsError(
+                f"step {step}: the trained weights are NaN or infinite after the optimizer step ({where}); nothing "
+                f"saved; the last complete checkpoint is {last or 'none'}; lower lr or max_grad_norm")
 
     # --- the loop ---------------------------------------------------------------------------------
 
@@ -433,6 +312,11 @@ class Trainer:
 
     def _resume(self) -> int:
         cfg, acc = self.cfg, self.accelerator
+        foreign = self._main_says([p.name for p in ckpt.foreign_checkpoints(self.output_dir)]
+                                  if acc.is_main_process else None)
+        if foreign:
+            raise ConfigError(f"{self.output_dir}: {', '.join(foreign)} not written by embedforge (no COMPLETE "
+                              "marker); move it away or choose another output_dir")
         if acc.is_main_process:
             ckpt.remove_incomplete(self.output_dir)
         acc.wait_for_everyone()
@@ -457,28 +341,67 @@ class Trainer:
             _truncate_metrics(self.output_dir / METRICS_FILE, state["step"])
         return int(state["step"])
 
+    def _record_run(self) -> None:
+        """The run's concrete config and data report, written beside its first durable output (a
+        checkpoint or the final model), so a run that failed before either leaves no record that
+        looks like a run."""
+        if self._recorded or not self.accelerator.is_main_process:
+            return
+        write_json(self.output_dir / CONFIG_FILE, self.cfg.model_dump(mode="json"))
+        write_json(self.output_dir / DATA_REPORT_FILE, [asdict(r) for r in self.reports])
+        self._recorded = True
+
     def _save(self, step: int, sampler_state: dict[str, Any]) -> Path:
-        return ckpt.save_checkpoint(self.accelerator, self.output_dir, step, self._trainer_state(step, sampler_state),
-                                    keep=self.cfg.save_total_limit,
-                                    write_extra=self._checkpoint_model if self.cfg.checkpoint_model else None)
+        self._check_finite_weights(step)
+        folder = ckpt.save_checkpoint(self.accelerator, self.output_dir, step,
+                                      self._trainer_state(step, sampler_state), keep=self.cfg.save_total_limit,
+                                      write_extra=self._checkpoint_model if self.cfg.checkpoint_model else None)
+        self._record_run()
+        return folder
 
     def _on_signal(self, signum, frame) -> None:
         self._stop_signal = signum
         logger.warning("received signal %d: stopping after this step with a checkpoint", signum)
 
+    @contextlib.contextmanager
+    def _exclusive_output(self) -> Iterator[None]:
+        """One run per output folder: the main process holds `embedforge.io.output_lock` for the whole
+        run (one lock for all the processes of a launch, so they never refuse each other); when it
+        is refused, every process stops with its message."""
+        acc = self.accelerator
+        with contextlib.ExitStack() as stack:
+            refusal = None
+            if acc.is_main_process:
+                try:
+                    stack.enter_context(output_lock(self.output_dir))
+                except ConfigError as exc:
+                    refusal = str(exc)
+            refusal = self._main_says(refusal)
+            if refusal:
+                raise ConfigError(refusal)
+            yield
+
     def run(self) -> TrainResult:
+        cfg = self.cfg
+        check_output(cfg.output_dir, [d.path for d in cfg.data if d.path not in (self.inline_data or {})]
+                     + [cfg.model], resumable=True)
+        self.accelerator = self._build_accelerator()
+        with self._exclusive_output():
+            return self._run()
+
+    def _run(self) -> TrainResult:
         self.setup()
         cfg, acc = self.cfg, self.accelerator
         self.best_metric: float | None = None
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
-            write_json(self.output_dir / "train_config.json", cfg.model_dump(mode="json"))
-            write_json(self.output_dir / "data_report.json", [asdict(r) for r in self.reports])
         step = self._resume()
         if step == 0 and acc.is_main_process:  # a fresh start: lines of an earlier attempt do not belong here
             _truncate_metrics(self.output_dir / METRICS_FILE, 0)
         if "wandb" in cfg.report_to or "tensorboard" in cfg.report_to:
-            acc.init_trackers(cfg.project, config=cfg.model_dump(mode="json"))
+            # wandb writes its run folder under `dir` (default: the working directory).
+            acc.init_trackers(cfg.project, config=cfg.model_dump(mode="json"),
+                              init_kwargs={"wandb": {"dir": str(self.output_dir)}})
         previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
         for s in previous:
             signal.signal(s, self._on_signal)
@@ -511,7 +434,9 @@ class Trainer:
             except NonFiniteLossError:
                 self.optimizer.zero_grad(set_to_none=True)
                 if step > 0 and last_saved != step:
-                    self._save(step, sampler_state)  # the last good weights, loadable to inspect or resume
+                    # The last good weights, loadable to inspect or resume, when they are finite.
+                    with contextlib.suppress(NonFiniteWeightsError):
+                        self._save(step, sampler_state)
                 raise
             grad_norm = None
             if cfg.max_grad_norm:
@@ -545,7 +470,9 @@ class Trainer:
         if self.evaluator is not None:
             self._evaluate(step, result)
         result.steps = step
+        self._check_finite_weights(step)
         result.final_dir = result.output = str(self.export(self.output_dir / "final"))
+        self._record_run()
         result.best_metric = self.best_metric
         if (self.output_dir / "best").exists():
             result.best_dir = str(self.output_dir / "best")
@@ -577,8 +504,7 @@ class Trainer:
             record["grad_norm"] = float(grad_norm)
         record.update({k: float(v) for k, v in stats.items()})
         if acc.is_main_process:
-            with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(record) + "\n")
+            _append_line(self.output_dir / METRICS_FILE, record)
         if any(t in self.cfg.report_to for t in ("wandb", "tensorboard")):
             acc.log({k: v for k, v in record.items() if isinstance(v, (int, float))}, step=step)
         return record
@@ -593,22 +519,18 @@ class Trainer:
         return holder
 
     def _evaluate(self, step: int, result: TrainResult) -> None:
-        from accelerate.utils import broadcast_object_list
-
         acc = self.accelerator
         metrics: dict[str, float] | None = None
         if self.sharded or acc.is_main_process:  # sharded weights need every process in the forward
             metrics = {k: float(v) for k, v in self.evaluator(self._inference_view()).items()}
-        if acc.num_processes > 1:
-            metrics = broadcast_object_list([metrics])[0]
+        metrics = self._main_says(metrics)
         key = self.cfg.eval.metric if self.cfg.eval.metric in metrics else f"dev_{self.cfg.eval.metric}"
         if key not in metrics:
             raise ConfigError(f"eval.metric {self.cfg.eval.metric!r} not among the evaluator's {sorted(metrics)}")
         value = metrics[key]
         improved = self.best_metric is None or value > self.best_metric
         if acc.is_main_process:
-            with open(self.output_dir / METRICS_FILE, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps({"step": step, "eval": metrics, "best": improved}) + "\n")
+            _append_line(self.output_dir / METRICS_FILE, {"step": step, "eval": metrics, "best": improved})
         logger.info("step %d: %s = %.4f%s", step, key, value, " (best)" if improved else "")
         result.last_metrics = {**result.last_metrics, **metrics}
         if improved:
@@ -634,7 +556,7 @@ class Trainer:
     def _checkpoint_model(self, checkpoint_tmp: Path) -> None:
         """A loadable model inside a checkpoint being written (collective): the adapter alone for
         LoRA, the full model otherwise. Checkpoints can then be loaded, evaluated and slerp-merged
-        (report stage 3) without the optimizer state around them."""
+        without the optimizer state around them."""
         state_dict = self._full_state_dict()
         if self.accelerator.is_main_process:
             self._write_model(checkpoint_tmp / "model", state_dict, merge=False)
@@ -651,38 +573,26 @@ class Trainer:
             self._save_adapter(unwrapped, adapter_dir, state_dict)
             if not merge:
                 return
-            from embedforge import modeling
-
-            load = modeling.load_backbone if cfg.task == "embedding" else modeling.load_causal_lm
-            backbone = load(str(adapter_dir), dtype=cfg.dtype, device="cpu", attn_implementation=cfg.attn_implementation)
+            backbone = self.task.load_backbone(cfg, str(adapter_dir))
         elif state_dict is not None:
-            backbone = self._fresh_backbone()
+            backbone = self.task.load_backbone(cfg, self.weights_path)
             backbone.load_state_dict(state_dict)
         else:
             backbone = unwrapped
         holder = copy.copy(self.holder)
         holder.model = backbone
-        if cfg.task == "embedding":
-            holder.save_pretrained(folder, default_instruction=self._default_instruction())
-        else:
-            holder.save_pretrained(folder)
-
-    def _default_instruction(self) -> str | None:
-        instructions = {d.instruction for d in self.cfg.data if d.instruction}
-        return instructions.pop() if len(instructions) == 1 else None
-
-    def _fresh_backbone(self):
-        from embedforge import modeling
-
-        load = modeling.load_backbone if self.cfg.task == "embedding" else modeling.load_causal_lm
-        return load(self.weights_path, dtype=self.cfg.dtype, device="cpu", attn_implementation=self.cfg.attn_implementation)
+        self.task.save(cfg, holder, folder)
 
     def _save_adapter(self, peft_model, adapter_dir: Path, state_dict) -> None:
-        """A peft adapter folder that also loads alone: tokenizer and embedding spec beside it."""
+        """A peft adapter folder that also loads alone: tokenizer and task files beside it."""
         peft_model.save_pretrained(adapter_dir, state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(adapter_dir)
-        if self.cfg.task == "embedding":
-            write_json(adapter_dir / "embedforge.json", asdict(self.holder.spec))
+        self.task.save_adapter_extras(self.holder, adapter_dir)
+
+
+def _append_line(path: Path, record: dict[str, Any]) -> None:
+    with disk_errors(path), open(path, "a", encoding="utf-8") as fh:
+        fh.write(json.dumps(record) + "\n")
 
 
 def _truncate_metrics(path: Path, step: int) -> None:
@@ -691,7 +601,5 @@ def _truncate_metrics(path: Path, step: int) -> None:
         return
     keep = [line for line in path.read_text(encoding="utf-8").splitlines()
             if line.strip() and json.loads(line).get("step", 0) <= step]
-    from embedforge.io import atomic_path
-
     with atomic_path(path) as tmp:
         tmp.write_text("".join(line + "\n" for line in keep), encoding="utf-8")

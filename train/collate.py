@@ -1,0 +1,97 @@
+"""Collation: the texts of one batch as each task's loss needs them.
+
+Embedding: queries formatted with their instruction, positives, and up to `num_negatives` hard
+negatives per row (`ContrastiveTexts`). Reranker: one group per row, the positive first and then
+its negatives (`RerankerGroups`). Negatives are subsampled with a seed of (run seed, step), so one
+process and several processes pick the same ones.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from embedforge.errors import InputError
+from embedforge.templates import format_query
+from embedforge.train.sampler import Batch
+
+
+@dataclass
+class ContrastiveTexts:
+    """Texts of one batch for the embedding loss: queries formatted with their instruction,
+    `negatives[i]` holds at most `k` texts (rows with fewer are padded and masked later)."""
+
+    queries: list[str]
+    raw_queries: list[str]
+    positives: list[str]
+    negatives: list[list[str]]
+    k: int
+
+    def slice(self, start: int, stop: int) -> ContrastiveTexts:
+        return ContrastiveTexts(self.queries[start:stop], self.raw_queries[start:stop], self.positives[start:stop],
+                                self.negatives[start:stop], self.k)
+
+
+def choose_negatives(batch: Batch, seed: int) -> list[list[str]]:
+    """Up to `num_negatives` of each row's negatives; more are subsampled (seeded by step and row),
+    so one process and several processes pick the same ones."""
+    rng = np.random.default_rng([seed, batch.index, 31])
+    out = []
+    for row in batch.rows:
+        negs = list(row.negatives)
+        if len(negs) > batch.num_negatives:
+            picked = sorted(rng.choice(len(negs), size=batch.num_negatives, replace=False).tolist())
+            negs = [negs[j] for j in picked]
+        out.append(negs)
+    return out
+
+
+def contrastive_texts(batch: Batch, seed: int) -> ContrastiveTexts:
+    negatives = choose_negatives(batch, seed)
+    queries = [format_query(r.query, r.instruction if r.instruction is not None else batch.instruction)
+               for r in batch.rows]
+    k = max((len(n) for n in negatives), default=0)
+    return ContrastiveTexts(queries, [r.query for r in batch.rows], [r.positive for r in batch.rows], negatives, k)
+
+
+@dataclass
+class RerankerGroups:
+    """Reranker pairs grouped per row: the positive first, then `group_size - 1` negatives."""
+
+    queries: list[str]
+    documents: list[str]
+    instructions: list[str | None]
+    labels: list[int]
+    group_size: int
+
+    def slice_groups(self, start: int, stop: int) -> RerankerGroups:
+        g = self.group_size
+        return RerankerGroups(self.queries[start * g:stop * g], self.documents[start * g:stop * g],
+                              self.instructions[start * g:stop * g], self.labels[start * g:stop * g], g)
+
+
+def reranker_groups(batch: Batch, seed: int) -> RerankerGroups:
+    """One group per row of 1 positive + K negatives, K = the batch's num_negatives (at least 1).
+
+    A row with fewer negatives is filled with other rows' positives (in-batch negatives, taken in
+    a fixed rotation), so every group has the same size and the list-wise loss stays well defined.
+    """
+    negatives = choose_negatives(batch, seed)
+    k = max(1, batch.num_negatives)
+    rows = batch.rows
+    queries, documents, instructions, labels = [], [], [], []
+    for i, row in enumerate(rows):
+        fill = [rows[(i + j) % len(rows)].positive for j in range(1, len(rows))]
+        fill = [d for d in fill if d != row.positive and d not in negatives[i]]
+        group = (negatives[i] + fill)[:k]
+        if len(group) < k:
+            raise InputError(f"{row.where}: needs {k} negatives for the reranker and the batch cannot supply them; "
+                             "add negatives or lower num_negatives")
+        instruction = row.instruction if row.instruction is not None else batch.instruction
+        for doc, label in [(row.positive, 1)] + [(d, 0) for d in group]:
+            queries.append(row.query)
+            documents.append(doc)
+            instructions.append(instruction)
+            labels.append(label)
+    return RerankerGroups(queries, documents, instructions, labels, k + 1)
