@@ -6,10 +6,10 @@ The same parser serves `python -m embedforge.train` and `accelerate launch -m em
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 INTERRUPTED_EXIT_CODE = 143  # 128 + SIGTERM: stopped on request, checkpoint written, rerun to resume
-STRICT_EXIT_CODE = 3  # --strict and the run produced nothing useful (TrainResult.warnings)
 
 
 def add_train_args(parser: argparse.ArgumentParser) -> None:
@@ -27,7 +27,7 @@ def add_train_args(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--mini-batch-size", type=int, help="texts per forward (GradCache chunk)")
     parser.add_argument("--lr", type=float)
     parser.add_argument("--strict", action="store_true",
-                        help="exit with status 3 when the run produced nothing useful (collapse, loss at chance, no step)")
+                        help="exit with status 2 when the run produced nothing useful (collapse, loss at chance, no step)")
     parser.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                         help="override any recipe key, e.g. --set loss.temperature=0.05 (repeatable)")
 
@@ -40,24 +40,34 @@ def flags_to_config(args: argparse.Namespace) -> dict:
     return flags
 
 
+def _main_process() -> bool:
+    """Whether this is the process that reports (global rank 0 under accelerate launch, torchrun or
+    DeepSpeed, which all set RANK), so a launch prints its summary once."""
+    return int(os.environ.get("RANK", "0")) == 0
+
+
 def run_train(args: argparse.Namespace) -> int:
+    from embedforge.errors import EmbedforgeError
     from embedforge.train.config import load_train_config
     from embedforge.train.trainer import train
 
     config = load_train_config(args.recipe, overrides=args.overrides, flags=flags_to_config(args))
     result = train(config)
+    say = _main_process()
     if result.interrupted:
-        print(f"embedforge train: stopped at step {result.steps}/{result.total_steps} with a checkpoint in "
-              f"{result.output_dir}; run the same command again to resume", file=sys.stderr)
+        if say:
+            print(f"embedforge train: stopped at step {result.steps}/{result.total_steps} with a checkpoint in "
+                  f"{result.output_dir}; run the same command again to resume", file=sys.stderr)
         return INTERRUPTED_EXIT_CODE
-    for line in result.decisions:
-        print(f"embedforge train: chose {line}", file=sys.stderr)
-    print(f"embedforge train: {result.steps} steps; model in {result.final_dir}", file=sys.stderr)
-    for message in result.warnings:
-        print(f"embedforge train: WARNING: {message}", file=sys.stderr)
+    if say:
+        for line in result.decisions:
+            print(f"embedforge train: chose {line}", file=sys.stderr)
+        print(f"embedforge train: {result.steps} steps; model in {result.final_dir}", file=sys.stderr)
+        for message in result.warnings:
+            print(f"embedforge train: WARNING: {message}", file=sys.stderr)
     if result.warnings and getattr(args, "strict", False):
-        print("embedforge train: --strict: failing on the warnings above", file=sys.stderr)
-        return STRICT_EXIT_CODE
+        raise EmbedforgeError(f"stopped by --strict: {len(result.warnings)} warning(s), the first: "
+                              f"{result.warnings[0]}")
     return 0
 
 

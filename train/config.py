@@ -9,14 +9,21 @@ from __future__ import annotations
 import os
 from typing import Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import ConfigDict, Field, field_validator, model_validator
 
 from embedforge.config import StrictModel, load_config
 
 LOSS_TERMS = ("hard", "qq", "dd", "qd")
 
 
-class LoraSettings(StrictModel):
+class FiniteModel(StrictModel):
+    """A train config section whose numbers must be finite: `lr: .inf` or a NaN temperature would
+    train to NaN weights."""
+
+    model_config = ConfigDict(allow_inf_nan=False)
+
+
+class LoraSettings(FiniteModel):
     """peft LoRA; `target_modules: all-linear` adapts every linear layer except the output head."""
 
     rank: int = Field(16, gt=0)
@@ -25,7 +32,7 @@ class LoraSettings(StrictModel):
     target_modules: str | list[str] = "all-linear"
 
 
-class DatasetSettings(StrictModel):
+class DatasetSettings(FiniteModel):
     """One training file or dataset. Rows carry `query`, `positive`, optional `negatives` (list of
     strings), `instruction` and `dataset`; rows with different `dataset` values become separate
     mixing sources (each batch comes from one source).
@@ -56,7 +63,7 @@ LOSS_PRESETS: dict[str, dict] = {
 }
 
 
-class LossSettings(StrictModel):
+class LossSettings(FiniteModel):
     """Embedding: Qwen3 improved InfoNCE (+ Matryoshka). Reranker: point-wise or list-wise yes/no.
 
     `preset` fills `terms`, `margin` and `temperature` where the recipe does not set them:
@@ -91,7 +98,7 @@ class LossSettings(StrictModel):
         return self
 
 
-class EvalSettings(StrictModel):
+class EvalSettings(FiniteModel):
     """Periodic retrieval evaluation on a BEIR folder; the best model is exported to DIR/best."""
 
     data: str | None = None
@@ -103,7 +110,7 @@ class EvalSettings(StrictModel):
     batch_size: int = Field(32, gt=0)
 
 
-class TrainConfig(StrictModel):
+class TrainConfig(FiniteModel):
     """A training run. `batch_size` is the GLOBAL contrastive batch in rows (query + positive +
     negatives), split evenly over processes; `mini_batch_size` (texts per forward, GradCache) bounds
     memory, so the batch is limited by time, not memory."""
