@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from transformers import Qwen3Config, Qwen3Model
 
 from embedforge.pooling import last_token_pool
-from embedforge.train.gradcache import RandomState, gradcache_step, split_features
+from embedforge.train.gradcache import RandomState, gradcache_step
 from embedforge.train.losses import (
     EmbeddingBatch,
     MatryoshkaLoss,
@@ -103,7 +103,10 @@ def make_loss_fn(dims=None):
 
 
 def chunks_of(size: int) -> dict[str, list]:
-    return {role: split_features(f, size) for role, f in FEATURES.items()}
+    """Each role's features cut into chunks of `size` rows."""
+    rows = {role: next(iter(f.values())).shape[0] for role, f in FEATURES.items()}
+    return {role: [{name: value[i:i + size] for name, value in f.items()} for i in range(0, rows[role], size)]
+            for role, f in FEATURES.items()}
 
 
 def grads(model) -> dict[str, torch.Tensor]:
@@ -236,10 +239,6 @@ def test_random_state_replay_restores_the_outer_stream():
     assert torch.equal(torch.get_rng_state(), after)
 
 
-def test_split_features_checks_rows():
-    parts = split_features({"input_ids": torch.zeros(5, 2), "attention_mask": torch.ones(5, 2)}, 2)
-    assert [p["input_ids"].shape[0] for p in parts] == [2, 2, 1]
-    with pytest.raises(ValueError, match="disagree"):
-        split_features({"input_ids": torch.zeros(5, 2), "attention_mask": torch.ones(4, 2)}, 2)
+def test_a_role_without_chunks_is_refused():
     with pytest.raises(ValueError, match="no chunks"):
         gradcache_step(lambda f: f, {"q": []}, lambda e: e["q"].sum())

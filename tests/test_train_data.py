@@ -267,3 +267,11 @@ def test_small_data_fills_every_batch_across_many_epochs(tmp_path):
     for _ in range(50):
         batch = sampler.next_batch()
         assert len(batch.rows) == 32 == len({r.query for r in batch.rows})
+
+
+def test_bytes_that_are_not_utf8_name_file_line_and_byte(tmp_path):
+    path = tmp_path / "bad.jsonl"
+    path.write_bytes(json.dumps(pairs(1)[0]).encode() + b"\n" + b'{"query": "caf\xe9", "positive": "d"}\n')
+    with pytest.raises(InputError) as err:
+        load_sources([DatasetSettings(path=str(path))])
+    assert "bad.jsonl:2: not valid UTF-8 (byte 0xe9 at column 15)" in str(err.value)  # before: no byte, no column

@@ -171,4 +171,6 @@ def test_cli_prints_decisions_and_warnings_and_strict_fails_on_them(tiny_qwen3_e
     assert main(["train", *flags, "--output", str(tmp_path / "a")]) == 0
     err = capsys.readouterr().err
     assert "chose 6 steps: max_steps" in err and "WARNING: embeddings collapsed" in err
-    assert main(["train", *flags, "--output", str(tmp_path / "b"), "--strict"]) == 3
+    # --strict fails like every other command's (exit 2, one line); before: exit 3.
+    assert main(["train", *flags, "--output", str(tmp_path / "b"), "--strict"]) == 2
+    assert "error: stopped by --strict: 2 warning(s), the first: embeddings collapsed" in capsys.readouterr().err

@@ -50,7 +50,7 @@ def test_lora_final_is_merged_and_equals_peft_unmerged_forward(tiny_qwen3_embedd
         return other.encode(TEXTS)
 
     base = with_model(load_backbone(tiny_qwen3_embedder, device="cpu"))
-    assert np.abs(trained - base).max() > 1e-3  # the merge is not silently the base (pain point 7)
+    assert np.abs(trained - base).max() > 1e-3  # the merge is not silently the base (an unmerged adapter)
     # Independent reference: peft's unmerged adapter forward on the base backbone.
     reference = PeftModel.from_pretrained(load_backbone(tiny_qwen3_embedder, device="cpu"), str(final / "adapter"))
     assert np.allclose(trained, with_model(reference), atol=1e-5)

@@ -14,9 +14,10 @@ every rank's loss. Averaging over W then gives exactly dL/dtheta of the one-proc
 Consequence worth knowing: a gradient that DDP does NOT average, such as the gradient on rank r's
 input embeddings, comes out W times the one-process value.
 
-Sentence-transformers and FlagEmbedding instead gather without gradient and splice the local
-tensor back in; that drops the gradient paths through other ranks' losses. ms-swift gathers
-detached. Here the full gradient flows (pain point 5).
+FlagEmbedding instead gathers without gradient and splices the local tensor back in, which drops
+the gradient paths through other ranks' losses, and ms-swift gathers detached. sentence-transformers
+(`gather_across_devices=True`, 6.x) gathers with gradient through torch.distributed.nn.all_gather,
+which needs the same batch size on every rank. Here the full gradient flows, with uneven batches.
 
 Uneven batches are supported: sizes are exchanged first, rows padded to the largest rank for the
 collective and stripped after. Hard-negative counts K may differ per rank too; they are padded to

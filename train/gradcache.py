@@ -10,7 +10,8 @@ Step 3 replays the random state captured before step 1 for that chunk, so dropou
 masks twice and the result equals the plain loss computed chunk by chunk with gradient.
 
 Because the loss sees plain tensors, Matryoshka and the gather compose with it unchanged: the
-cached gradient is already the sum over widths and over every rank's loss (pain point 6).
+cached gradient is already the sum over widths and over every rank's loss, so a wide batch over
+several processes costs no more memory than one chunk and loses no gradient path.
 
 Distributed data parallel: every chunk's backward would all-reduce the parameter gradients. Pass
 `no_sync` (e.g. `model.no_sync` or `lambda: accelerator.no_sync(model)`): every chunk but the last
@@ -18,7 +19,10 @@ then runs inside it, and the last chunk's backward synchronises the accumulated 
 The forward must be inside the context as well (DDP decides at forward time), which is why the
 hook wraps the whole re-forward + backward. Under gradient accumulation (accelerate's
 `accumulate`), the outer context already suppresses sync on non-final micro-steps; nesting is safe.
-DeepSpeed ZeRO is not supported by this loop: its engine expects one backward per step.
+DeepSpeed's engine counts every backward as a micro-step and steps the optimizer at an accumulation
+boundary: the trainer's `no_sync` (`Trainer.accumulating`) also marks every chunk but the last as a
+non-boundary micro-step, so ZeRO runs one optimizer step per global batch
+(tests/test_train_deepspeed.py trains to the one-process weights that way).
 """
 
 from __future__ import annotations
@@ -57,19 +61,6 @@ class RandomState:
             for device, state in zip(self.cuda_devices, self.cuda_states):
                 torch.cuda.set_rng_state(state, device)
             yield
-
-
-def split_features(features: Mapping[str, Tensor], chunk_size: int) -> list[dict[str, Tensor]]:
-    """Split a tokenised batch (dict of tensors sharing dim 0) into chunks of `chunk_size` rows."""
-    if chunk_size < 1:
-        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
-    lengths = {name: value.shape[0] for name, value in features.items()}
-    if len(set(lengths.values())) != 1:
-        raise ValueError(f"features disagree on the number of rows: {lengths}")
-    n = next(iter(lengths.values()))
-    return [
-        {name: value[i : i + chunk_size] for name, value in features.items()} for i in range(0, n, chunk_size)
-    ]
 
 
 def gradcache_step(

@@ -18,7 +18,7 @@ For anchor row i:
     in the hard-negative term, so neither is counted twice nor treated as someone else's document.
 Ownership is by row index in the pool, and the cross-device gather keeps rows whole (a row's
 negatives stay in that row), so after a gather a query never trains toward its own negatives as if
-they were in-batch documents, nor against its own positive (pain point 5).
+they were in-batch documents, nor against its own positive.
 
 Masks (m = 0 drops a candidate from Z_i), following the report:
   * margin: s(candidate) > s(q_i, d_i+) + margin, on cosine similarities before the temperature;
@@ -144,7 +144,7 @@ class Qwen3InfoNCEConfig:
         hard negatives too): a curated negative that the model scores 0.1 above the positive is more
         often a mining false negative than an informative one. Set True when negatives were already
         filtered with a teacher margin (data_synth.mine does) and you want the hardest ones kept;
-        the statistic `hard_neg_masked_margin` shows how many are being dropped (pain point 10).
+        the statistic `hard_neg_masked_margin` shows how many are being dropped.
         Duplicate masking still applies to exempt hard negatives.
     """
 
