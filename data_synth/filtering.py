@@ -106,14 +106,17 @@ class FilterOutcome(StageOutcome):
 
 
 def read_pairs(inputs: Sequence[str | os.PathLike]) -> tuple[list[Row], list[dict[str, Any]]]:
-    """Rows from synthesis output folders (their `pairs-*.jsonl` shards) or JSONL files, and the run
+    """Rows from synthesis output folders (their `pairs-*.jsonl` shards), filter output folders (their
+    `pairs.jsonl`, not `dropped.jsonl`) or JSONL files, and the run
     reports found in the folders' manifests. A row of the wrong shape is named by file, line and field."""
     rows: list[Row] = []
     reports: list[dict[str, Any]] = []
     for source in inputs:
         source = Path(source)
         if source.is_dir():
-            files = sorted(source.glob("pairs-*.jsonl")) or sorted(source.glob("*.jsonl"))
+            # synth shards, else a filter output's pairs.jsonl (never its dropped.jsonl), else any JSONL
+            files = (sorted(source.glob("pairs-*.jsonl")) or sorted(source.glob("pairs.jsonl"))
+                     or [p for p in sorted(source.glob("*.jsonl")) if not p.name.startswith("dropped")])
             if not files:
                 raise InputError("no pairs-*.jsonl shards in this folder", path=str(source))
             for manifest in sorted(source.glob("manifest-*.json")):

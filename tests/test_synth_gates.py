@@ -275,6 +275,10 @@ def test_filter_command_end_to_end(tmp_path, minilm):
     assert (
         main(["filter", "--input", str(synth), "--output", str(out), "--threshold", "0.3"]) == 2
     )  # no teacher
+    # the filter's folder, given to the next stage (mine), yields the kept rows only, never dropped.jsonl
+    from embedforge.data_synth.filtering import read_pairs
+
+    assert [r["query"] for r in read_pairs([out])[0]] == ["how do cells make energy"]
 
 
 # --- calibration to the teacher, stage function, quality report -------------------------------------
