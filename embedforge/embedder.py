@@ -11,6 +11,7 @@ Decoders can also run padding-free: `tokenize(..., packing=True)` packs several 
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -39,12 +40,18 @@ from embedforge.packing import (
     why_not_packable,
 )
 from embedforge.pooling import POOLING_MODES, pool, truncate_and_normalize
-from embedforge.templates import format_query, query_prompt
+from embedforge.templates import query_prompt
 
 logger = logging.getLogger(__name__)
 
 QWEN_EOS = "<|endoftext|>"
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
+# sentence-transformers (6 and later) renders text through the chat template when a folder declares
+# the message modality: the same user turn our Embedder builds for a chat-template spec.
+CHAT_MODALITIES = {"modality_config": {
+    "text": {"method": "forward", "method_output_name": "last_hidden_state"},
+    "message": {"method": "forward", "method_output_name": "last_hidden_state", "format": "flat"},
+}, "module_output_name": "token_embeddings"}
 
 
 @dataclass
@@ -58,6 +65,10 @@ class EmbedderSpec:
     max_length: int = 8192
     prompts: dict[str, str] = field(default_factory=dict)
     matryoshka_dims: list[int] = field(default_factory=list)
+    # Wrap each text as one user turn of the tokenizer's chat template and pool the turn's last token,
+    # as sentence-transformers does for a chat LLM (None: decide from the tokenizer). Only without
+    # append_eos, which is the report's convention for embedders (EOS appended, pooled there).
+    chat_template: bool | None = False
 
     def __post_init__(self):
         if self.pooling not in POOLING_MODES:
@@ -125,6 +136,7 @@ def _read_sentence_transformers_layout(source: str) -> tuple[str, EmbedderSpec] 
         max_length=int(st_cfg.get("max_seq_length") or 8192),
         prompts=dict(extra.get("prompts") or {}),
         matryoshka_dims=list(own.get("matryoshka_dims") or []),
+        chat_template=bool(own.get("chat_template", False)),
     )
     return sub, spec
 
@@ -139,13 +151,16 @@ def infer_spec(source: str) -> tuple[str, EmbedderSpec]:
     if own:
         return "", EmbedderSpec(**own)
     if modeling.is_decoder_config(config):
-        # A causal language model (SmolLM2, a Qwen3 base) is not an embedder yet: pool its last real
-        # token, as sentence-transformers does. Its EOS is often the pretraining document separator,
-        # whose state ignores the text, and contrastive training from it collapses
-        # (bench/results/train_decoder_vs_st.md). A bare decoder body (Qwen3Model, the layout of
+        # A causal language model (SmolLM2, a Qwen3 base) is not an embedder yet. Its EOS is often the
+        # pretraining document separator, whose state ignores the text, and contrastive training from
+        # it collapses (bench/results/train_decoder_vs_st.md). As sentence-transformers does, the text
+        # becomes one user turn of its chat template when it has one, pooled at the turn's last token,
+        # else its last real token is pooled. A bare decoder body (Qwen3Model, the layout of
         # Qwen3-Embedding) is an embedder: EOS appended once, pooled there.
         archs = config.get("architectures") or []
-        return "", EmbedderSpec(append_eos=not any(a.endswith("ForCausalLM") for a in archs))
+        if any(a.endswith("ForCausalLM") for a in archs):
+            return "", EmbedderSpec(append_eos=False, chat_template=None)
+        return "", EmbedderSpec()
     return "", EmbedderSpec(pooling="mean", append_eos=False, eos_token=None, padding_side="right", max_length=512)
 
 
@@ -164,16 +179,12 @@ class Embedder:
         self.spec = spec
         self.name = name
         self.tokenizer.padding_side = spec.padding_side
-        self._eos_id: int | None = None
-        self._prefix_ids: list[int] = []
         self._padding_reasons: set[str] = set()  # why packing fell back, each logged once
+        self._eos_ids: dict[str | None, int] = {}
+        if spec.chat_template is None:
+            spec.chat_template = bool(getattr(tokenizer, "chat_template", None)) and not spec.append_eos
         if spec.append_eos:
-            eos = spec.eos_token if spec.eos_token in tokenizer.get_vocab() else tokenizer.eos_token
-            if eos is None:
-                raise ModelLoadError(f"{name}: tokenizer has no {spec.eos_token!r} and no eos_token to pool on")
-            self.spec.eos_token = eos
-            self._eos_id = tokenizer.convert_tokens_to_ids(eos)
-            self._prefix_ids = self._special_prefix()
+            self._eos_id  # noqa: B018 - fail at load, not at the first batch, when there is no EOS to pool on
 
     @classmethod
     def from_pretrained(
@@ -207,6 +218,25 @@ class Embedder:
         return cls(model, tokenizer, spec, name=str(name_or_path))
 
     # --- the two differentiable steps shared by inference, training and export -----------------
+
+    @property
+    def _eos_id(self) -> int | None:
+        """The token appended to decoder inputs and pooled (None when the spec appends none). Read
+        from the spec each time: training may switch a loaded model's pooling (TrainConfig.append_eos)."""
+        if not self.spec.append_eos:
+            return None
+        if self.spec.eos_token not in self._eos_ids:
+            wanted = self.spec.eos_token
+            eos = wanted if wanted in self.tokenizer.get_vocab() else self.tokenizer.eos_token
+            if eos is None:
+                raise ModelLoadError(f"{self.name}: tokenizer has no {wanted!r} and no eos_token to pool on")
+            self._eos_ids[wanted] = self._eos_ids[eos] = self.tokenizer.convert_tokens_to_ids(eos)
+            self.spec.eos_token = eos
+        return self._eos_ids[self.spec.eos_token]
+
+    @functools.cached_property
+    def _prefix_ids(self) -> list[int]:
+        return self._special_prefix()
 
     def _special_prefix(self) -> list[int]:
         """Tokens the tokenizer puts before the text (a BOS for Llama-style tokenizers; none for Qwen)."""
@@ -254,11 +284,19 @@ class Embedder:
         return self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self._eos_id
 
     def token_ids(
-        self, texts: Sequence[str], instruction: str | None = None, max_length: int | None = None
+        self, texts: Sequence[str], instruction: str | Sequence[str | None] | None = None,
+        max_length: int | None = None, *, prompt: str | None = None,
     ) -> list[list[int]]:
-        """Unpadded ids per text, truncated to max_length (with a warning) and EOS-terminated for decoders."""
+        """Unpadded ids per text, truncated to max_length (with a warning) and EOS-terminated for decoders.
+
+        `instruction` (one, or one per text) becomes the Qwen3 query prompt `Instruct: ...\nQuery:`;
+        `prompt` is a literal one. A prompt precedes the text, or, for a chat-template spec, is the
+        system turn before the text's user turn (where sentence-transformers puts a prompt too)."""
         max_length = max_length or self.spec.max_length
-        formatted = [format_query(t, instruction) for t in texts]
+        prompts = self._prompts(len(texts), instruction, prompt)
+        if self.spec.chat_template and not self.spec.append_eos:
+            return self._chat_rows(list(texts), prompts, max_length)
+        formatted = [(p or "") + t for p, t in zip(prompts, texts)]
         if not self.spec.append_eos:  # encoders: the tokenizer's own special tokens ([CLS] ... [SEP])
             batch = self.tokenizer(formatted, truncation=True, max_length=max_length)
             encodings = batch.encodings or []  # fast tokenizers report what truncation cut off
@@ -267,15 +305,58 @@ class Embedder:
         budget = max_length - len(self._prefix_ids) - 1
         if budget < 1:
             raise InputError(f"max_length={max_length} leaves no room for text")
-        rows, truncated = [], 0
+        rows, truncated, eos = [], 0, self._eos_id
         for ids in self.tokenizer(formatted, add_special_tokens=False)["input_ids"]:
-            while ids and ids[-1] == self._eos_id:  # the text itself ended in EOS: keep one
+            while ids and ids[-1] == eos:  # the text itself ended in EOS: keep one
                 ids = ids[:-1]
             if len(ids) > budget:
                 ids, truncated = ids[:budget], truncated + 1
-            rows.append(self._prefix_ids + ids + [self._eos_id])
+            rows.append(self._prefix_ids + ids + [eos])
         self._warn_truncated(truncated, max_length)
         return rows
+
+    @staticmethod
+    def _prompts(n: int, instruction: str | Sequence[str | None] | None, prompt: str | None) -> list[str | None]:
+        if prompt is not None and instruction is not None:
+            raise InputError("pass either a prompt/prompt_name or an instruction, not both")
+        if prompt is not None:
+            return [prompt or None] * n
+        instructions = [instruction] * n if instruction is None or isinstance(instruction, str) else list(instruction)
+        if len(instructions) != n:
+            raise InputError(f"{len(instructions)} instructions for {n} texts")
+        return [query_prompt(i) if i else None for i in instructions]
+
+    def _chat_rows(self, texts: list[str], prompts: list[str | None], max_length: int) -> list[list[int]]:
+        """Each text as one user turn of the chat template (after a system turn holding its prompt,
+        if any), tokenized as rendered: the ids sentence-transformers feeds. An over-long text is cut,
+        never the template around it: the pooled token is the turn's last."""
+        conversations = [([{"role": "system", "content": p}] if p else []) + [{"role": "user", "content": t}]
+                         for p, t in zip(prompts, texts)]
+        rendered = self.tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=False)
+        rows, truncated = [], 0
+        for conversation, text, ids in zip(conversations, texts,
+                                           self.tokenizer(rendered, add_special_tokens=False)["input_ids"]):
+            if len(ids) > max_length:
+                before, after = self._turn_around(conversation[:-1])
+                budget = max_length - len(before) - len(after)
+                if budget < 1:
+                    raise InputError(f"max_length={max_length} leaves no room for text inside the chat template")
+                ids = before + self.tokenizer(text, add_special_tokens=False)["input_ids"][:budget] + after
+                truncated += 1
+            rows.append(ids)
+        self._warn_truncated(truncated, max_length)
+        return rows
+
+    def _turn_around(self, history: list[dict[str, str]]) -> tuple[list[int], list[int]]:
+        """Token ids before and after the text of a user turn that follows `history`."""
+        marker = "\u2063EMBEDFORGE\u2063"
+        rendered = self.tokenizer.apply_chat_template([*history, {"role": "user", "content": marker}],
+                                                      tokenize=False, add_generation_prompt=False)
+        if rendered.count(marker) != 1:
+            raise ModelLoadError(f"{self.name}: the chat template does not render a user turn's text once")
+        before, after = rendered.split(marker)
+        return (self.tokenizer(before, add_special_tokens=False)["input_ids"],
+                self.tokenizer(after, add_special_tokens=False)["input_ids"])
 
     def _pad(self, rows: list[list[int]]) -> dict[str, torch.Tensor]:
         width = max(len(r) for r in rows)
@@ -382,17 +463,13 @@ class Embedder:
             if prompt_name not in self.spec.prompts:
                 raise InputError(f"unknown prompt_name {prompt_name!r}; this model has {sorted(self.spec.prompts)}")
             prompt = self.spec.prompts[prompt_name]
-        if prompt:
-            if instruction is not None:
-                raise InputError("pass either a prompt/prompt_name or an instruction, not both")
-            texts = [prompt + t for t in texts]
         width = dim if dim is not None else truncate_dim
         if width is not None and not 0 < width <= self.dimension:
             raise InputError(f"dim must be in 1..{self.dimension}, got {width}")
         renormalise = dim is not None or normalize_embeddings
         if device is not None and torch.device(device) != self.device:
             self.model.to(device)
-        vectors = self._encode_float(texts, instruction, width, renormalise, batch_size, max_length,
+        vectors = self._encode_float(texts, instruction, prompt or None, width, renormalise, batch_size, max_length,
                                      bool(show_progress if show_progress is not None else show_progress_bar), packing)
         if precision != "float32":
             vectors = quantize_embeddings(vectors, precision)
@@ -418,14 +495,15 @@ class Embedder:
                 kwargs["prompt_name"] = name
         return self.encode(texts, **kwargs)
 
-    def _encode_float(self, texts: list[str], instruction: str | None, width: int | None, renormalise: bool,
-                      batch_size: int, max_length: int | None, show_progress: bool, packing: Packing) -> np.ndarray:
+    def _encode_float(self, texts: list[str], instruction: str | None, prompt: str | None, width: int | None,
+                      renormalise: bool, batch_size: int, max_length: int | None, show_progress: bool,
+                      packing: Packing) -> np.ndarray:
         out = np.zeros((len(texts), width or self.dimension), dtype=np.float32)
         if not texts:
             return out
         # Tokenize once and batch by token count (not characters, as sentence-transformers does):
         # each batch then pads to nearly its own length.
-        rows = self.token_ids(texts, instruction, max_length)
+        rows = self.token_ids(texts, instruction, max_length, prompt=prompt)
         order = sorted(range(len(rows)), key=lambda i: -len(rows[i]))
         forwards = self._forwards(rows, order, batch_size, packing)
         if show_progress:
@@ -513,7 +591,8 @@ def write_sentence_transformers_config(
     files = {
         "modules.json": modules,
         "1_Pooling/config.json": pooling,
-        "sentence_bert_config.json": {"max_seq_length": spec.max_length, "do_lower_case": False},
+        "sentence_bert_config.json": {"max_seq_length": spec.max_length, "do_lower_case": False}
+        | (CHAT_MODALITIES if spec.chat_template and not spec.append_eos else {}),
         "config_sentence_transformers.json": {
             "prompts": prompts,
             "default_prompt_name": None,

@@ -106,3 +106,29 @@ def test_unsupported_keywords_are_named(pair):
         ours.encode(TEXTS, prompt_name="nope")
     with pytest.raises(TypeError):
         ours.encode(TEXTS, pool={"processes": 2})
+
+
+@pytest.mark.slow
+def test_chat_llm_is_embedded_as_a_chat_turn_like_sentence_transformers(smollm2, tmp_path):
+    """A chat LLM that is not an embedder yet (SmolLM2-Instruct): each text is one user turn of its chat
+    template, a prompt is the system turn, and the turn's last token is pooled, as sentence-transformers 6
+    does; a saved folder reloads the same way in both libraries. A 135M model in fp32: 1e-5."""
+    from sentence_transformers import SentenceTransformer
+
+    texts = [*TEXTS, "  leading spaces and\nnewlines", "déjà vu — ünïcode"]
+    ours = Embedder.from_pretrained(smollm2, dtype="float32")
+    assert ours.spec.chat_template and not ours.spec.append_eos
+    st = SentenceTransformer(str(smollm2), device="cpu")
+    np.testing.assert_allclose(ours.encode(texts), st.encode(texts, normalize_embeddings=True), atol=ATOL)
+    np.testing.assert_allclose(ours.encode(texts, prompt="Be brief"),
+                               st.encode(texts, prompt="Be brief", normalize_embeddings=True), atol=ATOL)
+    ours.save_pretrained(tmp_path / "saved", default_instruction=TASK)
+    again, st_again = Embedder.from_pretrained(tmp_path / "saved", dtype="float32"), SentenceTransformer(
+        str(tmp_path / "saved"), device="cpu")
+    assert again.spec.chat_template
+    np.testing.assert_allclose(again.encode(texts), ours.encode(texts), atol=1e-7)
+    np.testing.assert_allclose(again.encode(texts, instruction=TASK),
+                               st_again.encode_query(texts, normalize_embeddings=True), atol=ATOL)
+    # an over-long text loses its end, never the template: the pooled token is still the turn's last
+    rows = again.token_ids(["word " * 400], max_length=64)
+    assert len(rows[0]) == 64 and rows[0][-2:] == again.token_ids(["x"])[0][-2:]  # <|im_end|> \n
