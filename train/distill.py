@@ -74,7 +74,7 @@ def margin_mse_loss(batch: EmbeddingBatch, teacher: Tensor, *, temperature: floa
 
     Stats: `teacher_margin` and `student_margin` (means over usable pairs, student in logits),
     `margin_agreement` (share of pairs where student and teacher rank the two documents alike),
-    `distill_pairs` (usable pairs per row).
+    `pairs` (usable pairs per row).
     """
     student, scaled, valid = _scores(batch, teacher, temperature, teacher_temperature)
     s_margin = student[:, :1] - student[:, 1:]
@@ -89,7 +89,7 @@ def margin_mse_loss(batch: EmbeddingBatch, teacher: Tensor, *, temperature: floa
             "teacher_margin": t_margin.masked_fill(~valid, 0.0).sum() / pairs,
             "student_margin": s_margin.masked_fill(~valid, 0.0).sum() / pairs,
             "margin_agreement": agree.sum() / pairs,
-            "distill_pairs": counts.sum() / max(batch.size, 1),
+            "pairs": counts.sum() / max(batch.size, 1),
         }
     return LossOutput(loss, {key: value.detach().float() for key, value in stats.items()})
 
@@ -109,7 +109,7 @@ def kl_distill_loss(batch: EmbeddingBatch, teacher: Tensor, *, temperature: floa
     Args and the masking rules: as `margin_mse_loss`.
 
     Stats: `top1_agreement` (the student's best candidate is the teacher's), `teacher_p_positive`
-    (the teacher's probability on the positive), `distill_pairs`.
+    (the teacher's probability on the positive), `pairs`.
     """
     student, scaled, valid = _scores(batch, teacher, temperature, teacher_temperature)
     keep = torch.cat([torch.ones_like(valid[:, :1]), valid], dim=1)
@@ -125,7 +125,7 @@ def kl_distill_loss(batch: EmbeddingBatch, teacher: Tensor, *, temperature: floa
         stats = {
             "top1_agreement": ((top_s == top_t) & has_pair).sum() / rows,
             "teacher_p_positive": (p_t[:, 0] * has_pair).sum() / rows,
-            "distill_pairs": valid.sum() / max(batch.size, 1),
+            "pairs": valid.sum() / max(batch.size, 1),
         }
     return LossOutput(loss, {key: value.detach().float() for key, value in stats.items()})
 
