@@ -9,6 +9,7 @@ import math
 
 import pytest
 import torch
+from train_workers.precision import reorder_rtol
 
 from embedforge.train.losses import (
     EmbeddingBatch,
@@ -21,6 +22,30 @@ from embedforge.train.losses import (
 )
 
 torch.set_num_threads(1)
+
+
+def loss_rtol(dtype: torch.dtype, n: int, k: int, dim: int, tau: float) -> float:
+    """How far two evaluations of the InfoNCE loss in `dtype` may differ (train_workers/precision.py):
+    cosines sum `dim` products, a row's denominator sums at most its 2n + nk candidates, and the
+    similarities are scaled by 1 / tau before the exponential, which multiplies their error."""
+    return reorder_rtol(dtype, dim + 2 * n + n * k) / tau
+
+
+def infonce_grad_atol(rtol: float, tau: float, rows: int, *tensors: torch.Tensor) -> float:
+    """Absolute tolerance of a gradient entry of the InfoNCE loss: an entry sums terms
+    (p_j - [j is the positive]) / (rows * tau) * d cos_j / dx, whose magnitudes add up to at most
+    2 / (rows * tau * min |x|) (softmax weights sum to 1, and |d cos / dx| <= 1 / |x|); the rounding is
+    relative to that sum, not to the entry, which can cancel to nearly zero."""
+    smallest = min(float(t.norm(dim=-1)[t.norm(dim=-1) > 0].min()) for t in tensors if t.numel())
+    return rtol * 2 / (rows * tau * smallest)
+
+
+def assert_same_grads(pairs, atol: float) -> None:
+    for mine, theirs in pairs:
+        if theirs.grad is None:  # a tensor the loss does not read, in both
+            assert mine.grad is None
+            continue
+        torch.testing.assert_close(mine.grad.double(), theirs.grad.double(), rtol=0, atol=atol)
 
 
 # --------------------------------------------------------------------------- reference (Eq. 1)
@@ -132,9 +157,11 @@ def assert_matches(cfg: Qwen3InfoNCEConfig, q, p, neg, valid, q_ids, pos_ids, ne
         anchors=anchors,
     )
     ref.backward()
-    torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-9, atol=1e-10)
-    for mine, theirs in ((qa, qb), (pa, pb), (na, nb)):
-        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-7, atol=1e-9)
+    tolerance = loss_rtol(torch.float64, *neg.shape, cfg.temperature)
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=tolerance, atol=0)
+    rows = len(anchors) if anchors is not None else q.shape[0]
+    atol = infonce_grad_atol(tolerance, cfg.temperature, max(rows, 1), q, p, neg[valid] if valid is not None else neg)
+    assert_same_grads(((qa, qb), (pa, pb), (na, nb)), atol)
     return out
 
 
@@ -197,7 +224,7 @@ def test_duplicate_texts_are_masked():
     out = assert_matches(cfg, q, p, neg, valid, q_ids, pos_ids, neg_ids)
     # Row 0: row 3's positive in dd and qd (2). Row 3: row 0's positive (2). Row 1: own negative (1),
     # q_2 as a duplicate query (1). Row 2: row 4's negative in dd and qd (2), q_1 (1). Total 9 over 5 rows.
-    assert out.stats["masked_duplicate"].item() == pytest.approx(9 / 5)
+    assert out.stats["masked_duplicate"].item() == pytest.approx(9 / 5, rel=reorder_rtol(torch.float32, 5))
     off = assert_matches(
         Qwen3InfoNCEConfig(margin=None, mask_duplicates=False), q, p, neg, valid, q_ids, pos_ids, neg_ids
     )
@@ -210,7 +237,7 @@ def test_duplicate_masking_applies_to_exempt_hard_negatives():
     neg_ids[0, 1] = pos_ids[0]
     cfg = Qwen3InfoNCEConfig(exempt_hard_negatives_from_margin=True, use_qq=False, use_dd=False, use_qd=False)
     out = assert_matches(cfg, q, p, neg, valid, q_ids, pos_ids, neg_ids)
-    assert out.stats["effective_negatives"].item() == pytest.approx(5 / 3)
+    assert out.stats["effective_negatives"].item() == pytest.approx(5 / 3, rel=reorder_rtol(torch.float32, 3))
 
 
 def test_missing_ids_are_an_error_not_a_skipped_check():
@@ -231,7 +258,7 @@ def test_no_hard_negatives():
     no_valid = torch.zeros(4, 0, dtype=torch.bool)
     out = assert_matches(Qwen3InfoNCEConfig(), q, p, empty_neg, no_valid, q_ids, pos_ids, no_neg_ids)
     none = qwen3_infonce(EmbeddingBatch(q, p, None, None, q_ids, pos_ids, None))
-    torch.testing.assert_close(none.loss, out.loss)
+    torch.testing.assert_close(none.loss, out.loss, rtol=loss_rtol(torch.float64, 4, 0, q.shape[1], 0.1), atol=0)
     assert out.stats["candidates"].item() == 3 + 3 + 3  # qq, dd, qd: 3 other rows each
 
 
@@ -246,7 +273,7 @@ def test_padded_negatives_are_ignored_and_get_no_gradient():
     assert torch.any(neg_leaf.grad[valid] != 0)
     # hard 8 valid + qq 3 + dd/qd (3 other positives + other rows' valid negatives) per row
     per_row = [int(valid[i].sum()) + 3 + 2 * (3 + int(valid.sum() - valid[i].sum())) for i in range(4)]
-    assert out.stats["candidates"].item() == pytest.approx(sum(per_row) / 4)
+    assert out.stats["candidates"].item() == pytest.approx(sum(per_row) / 4, rel=reorder_rtol(torch.float32, 4))
 
 
 def test_anchor_rows_use_the_whole_pool():
@@ -275,13 +302,14 @@ def test_permuting_rows_does_not_change_the_loss():
     shuffled = qwen3_infonce(
         EmbeddingBatch(q[perm], p[perm], neg[perm], valid[perm], q_ids[perm], pos_ids[perm], neg_ids[perm])
     )
-    torch.testing.assert_close(base.loss, shuffled.loss)
+    tolerance = loss_rtol(torch.float64, 6, 2, q.shape[1], 0.1)  # the same sums in another order
+    torch.testing.assert_close(base.loss, shuffled.loss, rtol=tolerance, atol=0)
     # ... nor does permuting the negatives within each row
     kperm = torch.tensor([1, 0])
     swapped = qwen3_infonce(
         EmbeddingBatch(q, p, neg[:, kperm], valid[:, kperm], q_ids, pos_ids, neg_ids[:, kperm])
     )
-    torch.testing.assert_close(base.loss, swapped.loss)
+    torch.testing.assert_close(base.loss, swapped.loss, rtol=tolerance, atol=0)
 
 
 def test_bfloat16_embeddings():
@@ -291,7 +319,8 @@ def test_bfloat16_embeddings():
     out.loss.backward()
     assert out.loss.dtype == torch.float32 and qa.grad.dtype == torch.bfloat16
     ref = qwen3_infonce(EmbeddingBatch(q.double(), p.double(), neg.double(), valid, q_ids, pos_ids, neg_ids))
-    torch.testing.assert_close(out.loss.double(), ref.loss, rtol=1e-5, atol=1e-5)
+    # The same bfloat16 values, the loss computed in float32 against float64.
+    torch.testing.assert_close(out.loss.double(), ref.loss, rtol=loss_rtol(torch.float32, *neg.shape, 0.1), atol=0)
 
 
 def test_effective_negative_count_without_masks():
@@ -340,16 +369,20 @@ def test_matryoshka_is_weighted_sum_over_truncated_widths():
         for d, w in zip(dims, weights)
     )
     ref.backward()
-    torch.testing.assert_close(out.loss, ref.detach(), rtol=1e-9, atol=1e-10)
-    for mine, theirs in ((qa, qb), (pa, pb), (na, nb)):
-        torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-7, atol=1e-9)
+    tolerance = loss_rtol(torch.float64, *neg.shape, 0.05)  # per width; the weighted sum adds 3 terms
+    torch.testing.assert_close(out.loss, ref.detach(), rtol=tolerance, atol=0)
+    narrowest = [t[..., :min(dims)] for t in (q, p, neg)]  # truncated rows are shorter: larger d cos / dx
+    assert_same_grads(((qa, qb), (pa, pb), (na, nb)),
+                      sum(weights) * infonce_grad_atol(tolerance, 0.05, q.shape[0], *narrowest))
     assert set(out.stats) >= {"loss@8", "loss@4", "loss@2", "accuracy@4"}
 
 
 def test_matryoshka_without_dims_is_the_plain_loss():
     problem = make_problem(seed=15)
     batch = EmbeddingBatch(*problem)
-    torch.testing.assert_close(MatryoshkaLoss(qwen3_infonce)(batch).loss, qwen3_infonce(batch).loss)
+    tolerance = loss_rtol(torch.float64, *problem[2].shape, 0.1)
+    torch.testing.assert_close(MatryoshkaLoss(qwen3_infonce)(batch).loss, qwen3_infonce(batch).loss, rtol=tolerance,
+                               atol=0)
 
 
 def test_matryoshka_validation():
@@ -376,12 +409,15 @@ def test_pointwise_yes_no_loss_matches_formula():
         ref = ref - torch.log(p_yes if label == 1 else 1 - p_yes)
     ref = ref / 6
     ref.backward()
-    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-7)
+    # float32 inside the loss against float64: a log-sigmoid of yes - no (absolute error ~ u |yes - no|)
+    # and a mean over 6 rows.
+    tolerance = reorder_rtol(torch.float32, 6 + 2) * max(1.0, float((logits[:, 1] - logits[:, 0]).abs().max()))
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=tolerance, atol=0)
+    assert_same_grads(((mine, theirs),), tolerance / 6)  # each entry is (sigmoid - label) / 6
     expected_acc = (
         sum(((y - n) > 0) == (lab == 1) for (n, y), lab in zip(logits.tolist(), labels.tolist())) / 6
     )
-    assert out.stats["accuracy"].item() == pytest.approx(expected_acc)
+    assert out.stats["accuracy"].item() == pytest.approx(expected_acc, rel=reorder_rtol(torch.float32, 6))
     with pytest.raises(ValueError, match="labels"):
         pointwise_yes_no_loss(logits, torch.tensor([0, 1, 2, 0, 1, 0]))
 
@@ -401,8 +437,12 @@ def test_listwise_loss_matches_formula(temperature):
         ref = ref - torch.log(torch.exp(scores[0]) / sum(torch.exp(s) for s in scores))
     ref = ref / 3
     ref.backward()
-    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=1e-6, atol=1e-7)
-    torch.testing.assert_close(mine.grad, theirs.grad, rtol=1e-5, atol=1e-7)
+    # float32 inside the loss against float64: a log-softmax over a group of 4 scores (yes - no) / T,
+    # then a mean over 3 groups.
+    scores = (logits[:, 1] - logits[:, 0]) / temperature
+    tolerance = reorder_rtol(torch.float32, group + 3) * max(1.0, float(scores.abs().max()))
+    torch.testing.assert_close(out.loss.double(), ref.detach(), rtol=tolerance, atol=0)
+    assert_same_grads(((mine, theirs),), tolerance / (3 * temperature))  # each entry: (p - label) / (3 T)
     with pytest.raises(ValueError, match="group_size"):
         listwise_loss(logits, 5)
 
@@ -429,11 +469,14 @@ def test_collapse_statistics_neg_sim_and_chance_loss():
                                                        if valid[j, kk]]
         sims.append(sum(cos(q[i], d) for d in docs) / len(docs))
         counts.append(len(docs))
-    assert out.stats["neg_sim"].item() == pytest.approx(sum(sims).item() / 4, rel=1e-12)  # float64 problem
+    # float64: a mean of cosines over 8 dimensions and at most 14 candidates a row, 4 rows.
+    assert out.stats["neg_sim"].item() == pytest.approx(sum(sims).item() / 4, rel=reorder_rtol(torch.float64, 8 + 14 + 4))
     expected_chance = sum(math.log1p(c) for c in counts) / 4
-    assert out.stats["chance_loss"].item() == pytest.approx(expected_chance, rel=1e-12)
+    assert out.stats["chance_loss"].item() == pytest.approx(expected_chance, rel=reorder_rtol(torch.float64, 4 + 1))
     same = torch.ones_like(q)
     collapsed = qwen3_infonce(EmbeddingBatch(same, same.clone(), torch.ones_like(neg), valid, q_ids, pos_ids,
                                              neg_ids), cfg)
-    assert collapsed.loss.item() == pytest.approx(collapsed.stats["chance_loss"].item(), rel=1e-12)
-    assert collapsed.stats["neg_sim"].item() == pytest.approx(collapsed.stats["pos_sim"].item(), rel=1e-12)
+    assert collapsed.loss.item() == pytest.approx(collapsed.stats["chance_loss"].item(),
+                                                  rel=loss_rtol(torch.float64, *neg.shape, cfg.temperature))
+    assert collapsed.stats["neg_sim"].item() == pytest.approx(collapsed.stats["pos_sim"].item(),
+                                                              rel=reorder_rtol(torch.float64, 8 + 14 + 4))

@@ -81,7 +81,7 @@ def kl_reference(q, pos, neg, teacher, mask, tau=TAU, t_t=T_T):
             continue  # one candidate: both distributions are [1]
         s = [cos(q[i], pos[i]) / tau] + [cos(q[i], neg[i, k]) / tau for k in ks]
         t = [float(teacher[i, 0]) / t_t] + [float(teacher[i, 1 + k]) / t_t for k in ks]
-        s_max, t_max = max(float(x) for x in s), max(t)
+        s_max, t_max = max(float(x.detach()) for x in s), max(t)
         log_zs = s_max + torch.log(sum(torch.exp(x - s_max) for x in s))
         log_zt = t_max + math.log(sum(math.exp(x - t_max) for x in t))
         for s_c, t_c in zip(s, t):
