@@ -89,24 +89,43 @@ def embedder_checks(source: Embedder, folder: Path, query_prompt: str | None, to
     from embedforge.embedder import Embedder
     from embedforge.pooling import pool
 
-    prompt = query_prompt or ""
-    queries = [prompt + q for q in PROBE_QUERIES]
-    texts = queries + list(PROBE_DOCUMENTS)
-    want = source.encode(texts, batch_size=len(texts))
+    texts = list(PROBE_QUERIES) + list(PROBE_DOCUMENTS)
+    prompts = [query_prompt] * len(PROBE_QUERIES) + [None] * len(PROBE_DOCUMENTS)
+    want = np.concatenate([source.encode(list(PROBE_QUERIES), prompt=query_prompt or "", batch_size=len(texts)),
+                           source.encode(list(PROBE_DOCUMENTS), batch_size=len(texts))])
     device = source.device
     dtype = next(source.model.parameters()).dtype
     exported = Embedder.from_pretrained(folder, dtype=dtype, device=device)
+
+    def encode(embedder: Embedder, batch_size: int) -> np.ndarray:
+        return np.concatenate([embedder.encode(list(PROBE_QUERIES), prompt=query_prompt or "", batch_size=batch_size),
+                               embedder.encode(list(PROBE_DOCUMENTS), batch_size=batch_size)])
+
     checks = [
-        close("reload_parity", exported.encode(texts, batch_size=len(texts)), want, tolerance,
+        close("reload_parity", encode(exported, len(texts)), want, tolerance,
               "Embedder.from_pretrained(export).encode vs the source model"),
-        close("batch_invariance", exported.encode(texts, batch_size=1), exported.encode(texts, batch_size=len(texts)),
-              tolerance, "one text per batch vs all texts in one padded batch"),
+        close("batch_invariance", encode(exported, 1), encode(exported, len(texts)), tolerance,
+              "one text per batch vs all texts in one padded batch"),
     ]
 
+    # What a plain transformers user feeds: the prompt before the text, or, for a chat LLM, the chat
+    # template rendering a system turn (the prompt) and a user turn (the text), as sentence-transformers does.
     tokenizer = exported.tokenizer  # AutoTokenizer.from_pretrained(export), as modeling.load_tokenizer loads it
-    plain_ids = [tokenizer(t)["input_ids"] for t in texts]
-    checks.append(same_ids("tokenizer_matches_embedder", plain_ids, unpadded(source.tokenize(texts)),
-                           "AutoTokenizer(export)(text) vs Embedder.tokenize (EOS appended exactly once)"))
+    if source.spec.chat_template:
+        inputs = [tokenizer.apply_chat_template(([{"role": "system", "content": p}] if p else [])
+                                                + [{"role": "user", "content": t}], tokenize=False)
+                  for p, t in zip(prompts, texts)]
+        encode_kwargs = {"add_special_tokens": False}
+        how = "AutoTokenizer(export)(chat template: prompt as system turn, text as user turn)"
+    else:
+        inputs = [(p or "") + t for p, t in zip(prompts, texts)]
+        encode_kwargs = {}
+        how = "AutoTokenizer(export)(prompt + text)"
+    plain_ids = [tokenizer(t, **encode_kwargs)["input_ids"] for t in inputs]
+    source_ids = source.token_ids(list(PROBE_QUERIES), prompt=query_prompt or "") + source.token_ids(
+        list(PROBE_DOCUMENTS))
+    checks.append(same_ids("tokenizer_matches_embedder", plain_ids, source_ids,
+                           f"{how} vs Embedder.token_ids (EOS appended exactly once where the spec appends it)"))
     if source.spec.append_eos:
         eos = tokenizer.convert_tokens_to_ids(source.spec.eos_token)
         once = all(ids[-1] == eos and (len(ids) < 2 or ids[-2] != eos) for ids in plain_ids)
@@ -117,7 +136,7 @@ def embedder_checks(source: Embedder, folder: Path, query_prompt: str | None, to
     sides = ("left", "right") if source.spec.pooling == "lasttoken" else (source.spec.padding_side,)
     for side in sides:
         tokenizer.padding_side = side
-        features = tokenizer(texts, padding=True, return_tensors="pt").to(device)
+        features = tokenizer(inputs, padding=True, return_tensors="pt", **encode_kwargs).to(device)
         with torch.inference_mode():
             hidden = exported.model(**features).last_hidden_state
             vectors = F.normalize(pool(hidden, features["attention_mask"], source.spec.pooling).float(), dim=-1)

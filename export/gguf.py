@@ -354,6 +354,11 @@ def gguf_checks(path: Path, embedder: Embedder, gguf_type: str) -> tuple[list[Ch
 
 def export_gguf(embedder: Embedder, folder: Path, gguf_types: list[str], name: str) -> ExtraFiles:
     """Write `{name}-{TYPE}.gguf` for each type into `folder` (already holding the tokenizer files) and gate them."""
+    if embedder.spec.chat_template and not embedder.spec.append_eos:
+        # llama.cpp's embedding endpoint tokenizes the raw input: it would not render the chat turn
+        # this model was trained on, and would serve other vectors than the ones evaluated.
+        raise ConfigError(f"GGUF export: {embedder.name or 'this model'} embeds text as a chat-template turn, "
+                          "which llama.cpp's embedding endpoint does not apply; export ONNX or safetensors instead")
     if embedder.spec.append_eos is False or embedder.spec.eos_token is None:
         raise ConfigError("GGUF export needs a last-token embedder that appends its pooling token")
     result = ExtraFiles()

@@ -61,7 +61,8 @@ class _LastHiddenState(torch.nn.Module):
 
 
 def require_onnx() -> None:
-    missing = [name for name in ("onnx", "onnxruntime") if _find(name) is None]
+    # torch.onnx.export (dynamo) builds the graph with onnxscript
+    missing = [name for name in ("onnx", "onnxscript", "onnxruntime") if _find(name) is None]
     if missing:
         raise ConfigError(f"ONNX export needs {', '.join(missing)}: pip install 'embedforge[onnx]'")
 

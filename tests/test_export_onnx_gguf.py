@@ -18,11 +18,13 @@ from __future__ import annotations
 
 import importlib.util
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 
+from embedforge.errors import ConfigError
 from embedforge.export import ExportConfig, export
 from embedforge.export.gguf import read_gguf, reference_embedding
 from embedforge.export.gguf import tolerance as gguf_tolerance
@@ -125,6 +127,24 @@ def test_llama_cpp_embeds_the_gguf_like_the_embedder(tiny_export):
         assert np.abs(got - want).max() <= gguf_tolerance(kind, 2), name
 
 
+def eos_pooling_folder(model: Path, folder: Path) -> Path:
+    """`model`'s files (linked) with an embedforge.json declaring EOS pooling, the Qwen3-Embedding layout
+    a trained decoder embedder has; a chat LLM as is embeds through its chat template, which GGUF refuses."""
+    folder.mkdir()
+    for file in Path(model).iterdir():
+        (folder / file.name).symlink_to(file.resolve())
+    (folder / "embedforge.json").write_text(json.dumps({"pooling": "lasttoken", "append_eos": True,
+                                                         "eos_token": "<|endoftext|>", "padding_side": "left"}))
+    return folder
+
+
+@pytest.mark.slow
+def test_chat_template_embedder_is_refused_by_gguf(smollm2, tmp_path):
+    with pytest.raises(ConfigError, match="chat-template turn"):
+        export(ExportConfig(model=str(smollm2), output=str(tmp_path / "out"), gguf=["f32"], dtype="float32"))
+    assert not (tmp_path / "out").exists()
+
+
 @pytest.mark.slow
 def test_smollm2_gguf_equals_llama_cpp_converter_output(smollm2, tmp_path):
     """Names, q/k permutation, vocabulary, merges and token types as llama.cpp's converter wrote them
@@ -135,7 +155,8 @@ def test_smollm2_gguf_equals_llama_cpp_converter_output(smollm2, tmp_path):
 
     torch.set_num_threads(1)
     out = tmp_path / "smol"
-    export(ExportConfig(model=str(smollm2), output=str(out), gguf=["f32"], dtype="float32", repo_id="o/smol"))
+    source = eos_pooling_folder(smollm2, tmp_path / "eos")
+    export(ExportConfig(model=str(source), output=str(out), gguf=["f32"], dtype="float32", repo_id="o/smol"))
     ours = gguf.GGUFReader(str(out / "smol-F32.gguf"))
     official = gguf.GGUFReader(str(smollm2_gguf_path()))
     mine = {t.name: t for t in ours.tensors}

@@ -244,9 +244,8 @@ def test_contrastive_texts_apply_row_or_dataset_instruction(tmp_path):
     sources, _ = load_sources([DatasetSettings(path=write_jsonl(tmp_path / "i.jsonl", rows), instruction="Default")])
     batch = MixingSampler(sources, 2, seed=0).next_batch()
     texts = contrastive_texts(batch, seed=0)
-    by_raw = dict(zip(texts.raw_queries, texts.queries))
-    assert by_raw == {"a": "Instruct: Own task\nQuery:a", "b": "Instruct: Default\nQuery:b"}
-    assert texts.k == 0 and texts.positives == [{"a": "pa", "b": "pb"}[q] for q in texts.raw_queries]
+    assert dict(zip(texts.queries, texts.instructions)) == {"a": "Own task", "b": "Default"}
+    assert texts.k == 0 and texts.positives == [{"a": "pa", "b": "pb"}[q] for q in texts.queries]
 
 
 def test_reranker_groups_put_the_positive_first_and_fill_from_the_batch(tmp_path):

@@ -94,16 +94,27 @@ def first_step_gradients(cfg: TrainConfig) -> tuple[float, dict[str, torch.Tenso
     return float(loss), grads, tokens
 
 
-def test_gradcache_and_gradient_checkpointing_give_the_plain_gradients(tiny_qwen3_embedder, data_path, tmp_path):
-    base = {"method": "lora", "lora": {"rank": 4}, "loss": {"matryoshka_dims": [16, 64]}}
+def test_gradcache_checkpointing_and_packing_give_the_plain_gradients(tiny_qwen3_embedder, data_path, tmp_path,
+                                                                      monkeypatch):
+    import embedforge.embedder
+
+    packed = []
+    real_pack = embedforge.embedder.pack
+    monkeypatch.setattr(embedforge.embedder, "pack", lambda *a, **k: packed.append(1) or real_pack(*a, **k))
+    base = {"method": "lora", "lora": {"rank": 4}, "loss": {"matryoshka_dims": [16, 64]}, "packing": False}
     plain_loss, plain, tokens = first_step_gradients(config(tiny_qwen3_embedder, data_path, tmp_path / "a", **base))
     assert any(g.abs().max() > 0 for g in plain.values())
     # The same float32 sums in other orders (train_workers/precision.py); the gradient compared as a
     # whole (one entry can be a sum that cancels). The loss reads similarities scaled by 1 / temperature
     # (20), which multiplies their rounding error.
     tolerance = reorder_rtol(torch.float32, transformer_terms(tokens, tiny_qwen3_embedder)) / 0.05
-    for extra in ({"mini_batch_size": 3}, {"mini_batch_size": 5, "gradient_checkpointing": True}):
-        loss, grads, _ = first_step_gradients(config(tiny_qwen3_embedder, data_path, tmp_path / "b", **base, **extra))
+    assert not packed
+    for extra in ({"mini_batch_size": 3}, {"mini_batch_size": 5, "gradient_checkpointing": True},
+                  {"packing": True}, {"packing": True, "mini_batch_size": 5}):
+        packed.clear()
+        loss, grads, _ = first_step_gradients(config(tiny_qwen3_embedder, data_path, tmp_path / "b",
+                                                     **{**base, **extra}))
+        assert bool(packed) == extra.get("packing", False)
         assert loss == pytest.approx(plain_loss, rel=tolerance)
         assert set(grads) == set(plain)
         assert relative_error(plain, grads) <= tolerance

@@ -1,6 +1,7 @@
 """Collation: the texts of one batch as each task's loss needs them.
 
-Embedding: queries formatted with their instruction, positives, and up to `num_negatives` hard
+Embedding: queries with their instruction (applied by the embedder, as a prompt or, for a chat
+LLM, as the system turn), positives, and up to `num_negatives` hard
 negatives per row (`ContrastiveTexts`). Reranker: one group per row, the positive first and then
 its negatives (`RerankerGroups`). Negatives are subsampled with a seed of (run seed, step), so one
 process and several processes pick the same ones.
@@ -13,23 +14,23 @@ from dataclasses import dataclass
 import numpy as np
 
 from embedforge.errors import InputError
-from embedforge.templates import format_query
 from embedforge.train.sampler import Batch
 
 
 @dataclass
 class ContrastiveTexts:
-    """Texts of one batch for the embedding loss: queries formatted with their instruction,
-    `negatives[i]` holds at most `k` texts (rows with fewer are padded and masked later)."""
+    """Texts of one batch for the embedding loss: queries and the instruction of each (the row's,
+    else its dataset's), positives; `negatives[i]` holds at most `k` texts (rows with fewer are
+    padded and masked later)."""
 
     queries: list[str]
-    raw_queries: list[str]
+    instructions: list[str | None]
     positives: list[str]
     negatives: list[list[str]]
     k: int
 
     def slice(self, start: int, stop: int) -> ContrastiveTexts:
-        return ContrastiveTexts(self.queries[start:stop], self.raw_queries[start:stop], self.positives[start:stop],
+        return ContrastiveTexts(self.queries[start:stop], self.instructions[start:stop], self.positives[start:stop],
                                 self.negatives[start:stop], self.k)
 
 
@@ -49,10 +50,10 @@ def choose_negatives(batch: Batch, seed: int) -> list[list[str]]:
 
 def contrastive_texts(batch: Batch, seed: int) -> ContrastiveTexts:
     negatives = choose_negatives(batch, seed)
-    queries = [format_query(r.query, r.instruction if r.instruction is not None else batch.instruction)
-               for r in batch.rows]
+    instructions = [r.instruction if r.instruction is not None else batch.instruction for r in batch.rows]
     k = max((len(n) for n in negatives), default=0)
-    return ContrastiveTexts(queries, [r.query for r in batch.rows], [r.positive for r in batch.rows], negatives, k)
+    return ContrastiveTexts([r.query for r in batch.rows], [i or None for i in instructions],
+                            [r.positive for r in batch.rows], negatives, k)
 
 
 @dataclass

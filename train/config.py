@@ -132,6 +132,10 @@ class TrainConfig(FiniteModel):
                             "one still trains (the cap is logged)")
     mini_batch_size: int | None = Field(None, gt=0)
     max_length: int = Field(512, gt=0)
+    packing: bool | Literal["auto"] = Field(
+        "auto", description="decoders: put short texts into the padding of long ones (each attends only to "
+        "itself), same loss and gradients with fewer positions computed; auto packs when that computes fewer "
+        "positions; encoders always pad")
     mixing_temperature: float = Field(1.0, gt=0)
 
     lr: float | None = Field(None, gt=0, description="peak learning rate; null: by method and size (full 5e-5, 2e-5 from "

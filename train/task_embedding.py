@@ -104,6 +104,7 @@ class EmbeddingTask(TrainingTask):
                                   split=cfg.eval.split, batch_size=cfg.eval.batch_size)
 
     def step(self, run: StepRuntime, batch: Batch) -> StepResult:
+        from embedforge.packing import real_tokens
         from embedforge.train.distributed import gather_embedding_batch
         from embedforge.train.gradcache import gradcache_step
         from embedforge.train.losses import EmbeddingBatch, LossOutput, text_hashes
@@ -115,14 +116,15 @@ class EmbeddingTask(TrainingTask):
         neg_slots = torch.tensor([i * k + j for i, row in enumerate(texts.negatives) for j in range(len(row))],
                                  dtype=torch.long)
         flat = texts.queries + texts.positives + negatives
-        ids = text_hashes(texts.raw_queries + texts.positives + negatives)
-        # Length-grouped chunks: texts sorted by token count, so each forward pads as little as possible.
-        lengths = [len(t) for t in holder.tokenizer(flat, add_special_tokens=False)["input_ids"]]
-        order = sorted(range(len(flat)), key=lambda i: (lengths[i], i))
+        ids = text_hashes(flat)
+        rows = holder.token_ids(flat, instruction=texts.instructions + [None] * (len(flat) - n),
+                                max_length=cfg.max_length)
+        # Length-grouped chunks: texts sorted by token count, so each forward pads (or packs) as little as possible.
+        order = sorted(range(len(flat)), key=lambda i: (len(rows[i]), i))
         chunk = cfg.mini_batch_size or len(flat)
         chunks = [order[i:i + chunk] for i in range(0, len(order), chunk)]
-        features = [holder.tokenize([flat[i] for i in c], max_length=cfg.max_length) for c in chunks]
-        tokens = sum(int(f["attention_mask"].sum()) for f in features)
+        features = [holder.batch([rows[i] for i in c], packing=cfg.packing) for c in chunks]
+        tokens = sum(real_tokens(f) for f in features)
         inverse = torch.empty(len(flat), dtype=torch.long)
         inverse[torch.tensor(order)] = torch.arange(len(flat))
 
