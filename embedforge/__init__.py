@@ -49,4 +49,6 @@ def __getattr__(name: str) -> Any:
     if name not in _EXPORTS:
         raise AttributeError(f"module 'embedforge' has no attribute {name!r}")
     module = importlib.import_module(_EXPORTS[name])
+    if name in ("train", "merge", "export"):
+        return module  # the stage's package, callable as its function (embedforge/stage_module.py)
     return getattr(module, "run_recipe" if name == "run" else name)

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import importlib
 
+from embedforge.stage_module import make_callable
+
 # name -> module; loaded on first use so that `embedforge --help` (which imports merge.cli) stays torch-free.
 _EXPORTS = {
     "MergeConfig": "config",
@@ -51,3 +53,6 @@ def __getattr__(name: str):
     if name in _EXPORTS:
         return getattr(importlib.import_module(f"embedforge.merge.{_EXPORTS[name]}"), name)
     raise AttributeError(f"module 'embedforge.merge' has no attribute {name!r}")
+
+
+make_callable(__name__, "merge", "stage")
