@@ -20,7 +20,7 @@ def test_stage_packages_call_their_stage_function(monkeypatch):
                                       ("export", "stage", "export")):
         seen = []
         target = importlib.import_module(f"embedforge.{package}.{module}")
-        monkeypatch.setattr(target, function, lambda *a, **k: seen.append((a, k)) or "done")
+        monkeypatch.setattr(target, function, lambda *a, seen=seen, **k: seen.append((a, k)) or "done")
         stage = getattr(embedforge, package)
         assert stage("config", flag=1) == "done" and seen == [(("config",), {"flag": 1})]
         assert stage is importlib.import_module(f"embedforge.{package}")
