@@ -11,6 +11,7 @@ each chunk with it. The loss gathers every process's embeddings with gradient
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
@@ -117,8 +118,11 @@ class EmbeddingTask(TrainingTask):
                                  dtype=torch.long)
         flat = texts.queries + texts.positives + negatives
         ids = text_hashes(flat)
-        rows = holder.token_ids(flat, instruction=texts.instructions + [None] * (len(flat) - n),
-                                max_length=cfg.max_length)
+        with warnings.catch_warnings():  # counted in the step's metrics instead of a warning per step
+            warnings.filterwarnings("ignore", message=r".*longer than max_length", category=UserWarning)
+            rows = holder.token_ids(flat, instruction=texts.instructions + [None] * (len(flat) - n),
+                                    max_length=cfg.max_length)
+        truncated = {"truncated_texts": float(sum(len(r) >= cfg.max_length for r in rows))}
         # Length-grouped chunks: texts sorted by token count, so each forward pads (or packs) as little as possible.
         order = sorted(range(len(flat)), key=lambda i: (len(rows[i]), i))
         chunk = cfg.mini_batch_size or len(flat)
@@ -148,10 +152,10 @@ class EmbeddingTask(TrainingTask):
         if len(features) == 1:  # the whole local batch fits one forward: no GradCache detour
             out = loss_fn({"texts": holder.embed(features[0])})
             run.accelerator.backward(out.loss)
-            return out.loss.detach(), out.stats, tokens
+            return out.loss.detach(), {**out.stats, **truncated}, tokens
         out = gradcache_step(holder.embed, {"texts": features}, loss_fn,
                              backward_fn=run.accelerator.backward, no_sync=run.accumulating)
-        return out.loss, out.stats, tokens
+        return out.loss, {**out.stats, **truncated}, tokens
 
     def save(self, cfg: TrainConfig, holder, folder: Path) -> None:
         instructions = {d.instruction for d in cfg.data if d.instruction}
