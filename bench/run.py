@@ -28,6 +28,16 @@ BENCHMARKS = {
     "eval-real": ("eval_real.py", "sentence-transformers + pytrec_eval", ["--skip-smollm2", "--queries", "50",
                                                                           "--docs", "200"]),
     "eval-mteb": ("eval_mteb.py", "sentence-transformers through mteb", ["--queries", "50", "--docs", "200"]),
+    "export-onnx": ("export_onnx.py", "sentence-transformers encode (torch)", ["--model", "tiny", "--texts", "32",
+                                                                              "--repeats", "1"]),
+    "train-decoder": ("train_decoder_vs_st.py", "sentence-transformers MNRL on SmolLM2", ["--steps", "4",
+                                                                                        "--batch-size", "8",
+                                                                                        "--test-docs", "400"]),
+    "train-defaults": ("train_defaults_sweep.py", "plain in-batch InfoNCE loop", ["--models", "minilm", "--steps",
+                                                                                 "10", "--only", "defaults"]),
+    "domain-adaptation": ("domain_adaptation.py", "base model and first-sentence pseudo-queries",
+                          ["--passages", "12", "--steps", "3", "--corpora", "python-docstrings"]),
+    "distill-gpl": ("distill_gpl.py", "InfoNCE alone", ["--passages", "12", "--steps", "3"]),
 }
 
 

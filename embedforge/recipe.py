@@ -31,6 +31,8 @@ class CorpusSection(StrictModel):
     path: str = "builtin:python-docstrings"
     chunk_tokens: int | None = Field(256, gt=8, description="words per passage for files (null: whole documents)")
     overlap: int = Field(32, ge=0)
+    sample: int | None = Field(None, gt=0, description="use N passages spread over the source as the corpus (a "
+                               "quicker run); a built-in corpus keeps the real queries of those passages")
     max_passages: int | None = Field(None, gt=0, description="give the generator N passages spread over the corpus "
                                      "(the search corpus for evaluation keeps all of them)")
 

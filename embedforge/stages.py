@@ -50,29 +50,43 @@ def corpus_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> CorpusOut
     from embedforge.data_synth.corpus import load_corpus
     from embedforge.eval.beir import write_beir
 
-    source = recipe.corpus.path
-    real = None
+    source, sample = recipe.corpus.path, recipe.corpus.sample
+    real = real_queries = None
     if source.startswith("builtin:"):
         corpus = load_builtin_corpus(source)
         passages = list(corpus.passages.items())
         description = corpus.description
-        if corpus.real_queries is not None:
-            real = write_beir(out / "real-queries", corpus.real_queries, overwrite=True)
+        real_queries = corpus.real_queries
     else:
         chunks = load_corpus(source, chunk_tokens=recipe.corpus.chunk_tokens, overlap=recipe.corpus.overlap)
         passages = [(p.id, p.text) for p in chunks]
         description = source
     if not passages:
         raise InputError("the corpus holds no passages", path=source)
+    if sample:
+        passages = _spread(passages, sample)
+        if real_queries is not None:
+            real_queries = _restrict(real_queries, {pid for pid, _ in passages})
+    if real_queries is not None:
+        real = write_beir(out / "real-queries", real_queries, overwrite=True)
     write_jsonl(out / "passages.jsonl", ({"id": pid, "text": text} for pid, text in passages))
     chosen = _spread(passages, recipe.corpus.max_passages) if recipe.corpus.max_passages else passages
     write_jsonl(out / "generator-passages.jsonl", ({"id": pid, "text": text} for pid, text in chosen))
     write_provenance(out, [], "corpus", source=source, description=description, passages=len(passages),
                      generator_passages=len(chosen),
-                     real_queries=len(corpus.real_queries.queries) if real is not None else 0)
+                     real_queries=len(real_queries.queries) if real is not None else 0)
     return CorpusOutcome(output=str(out / "passages.jsonl"), passages=len(passages),
                          generator_passages=len(chosen), real_queries=str(real) if real else None,
-                         real_query_count=len(corpus.real_queries.queries) if real is not None else 0)
+                         real_query_count=len(real_queries.queries) if real is not None else 0)
+
+
+def _restrict(data, passage_ids: set[str]):
+    """The real queries whose relevant passages are all in the sampled corpus, over that corpus."""
+    from embedforge.eval.beir import BeirData
+
+    qrels = {q: docs for q, docs in data.qrels.items() if docs and set(docs) <= passage_ids}
+    return BeirData({q: data.queries[q] for q in qrels}, {d: t for d, t in data.corpus.items() if d in passage_ids},
+                    qrels, source=data.source)
 
 
 def _spread(items: list, n: int) -> list:

@@ -134,3 +134,22 @@ def test_a_stopped_run_resumes_at_the_stage_it_was_in(tiny_recipe, tmp_path, mon
     assert main(["run", str(tiny_recipe), "--workdir", str(workdir), "--set", "merge.t=0.25"]) == 0
     log = capsys.readouterr().err
     assert "[train] cached" in log and "[merge] running" in log
+
+
+def test_corpus_sample_keeps_the_real_queries_of_the_sampled_passages(tmp_path):
+    from embedforge.builtin_data import load_builtin_corpus
+    from embedforge.eval.beir import load_beir
+
+    recipe = Recipe.model_validate({"name": "s", "model": "builtin:minilm",
+                                    "corpus": {"path": "builtin:python-docstrings", "sample": 50}})
+    outcome = stages.corpus_stage(recipe, {}, tmp_path)
+    full = load_builtin_corpus("builtin:python-docstrings")
+    passages = [json.loads(line) for line in Path(outcome.output).read_text().splitlines()]
+    ids = [p["id"] for p in passages]
+    assert outcome.passages == len(ids) == 50 and len(set(ids)) == 50
+    assert all(full.passages[p["id"]] == p["text"] for p in passages)
+    assert ids[0] != ids[1] and set(ids) != set(list(full.passages)[:50])  # spread over the corpus, not its head
+    real = load_beir(outcome.real_queries)
+    assert set(real.corpus) == set(ids) and outcome.real_query_count == len(real.queries) > 0
+    expected = {q for q, docs in full.real_queries.qrels.items() if set(docs) <= set(ids)}
+    assert set(real.queries) == expected and all(real.queries[q] == full.real_queries.queries[q] for q in expected)
