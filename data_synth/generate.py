@@ -502,9 +502,10 @@ class SynthesisRun:
         inflight = self.config.inflight()
         semaphore = asyncio.Semaphore(inflight)
         stopped = False
+        done, started, every = 0, time.monotonic(), max(1, len(todo) // 10)
 
         async def one(passage: Passage, plan: PassagePlan, candidates: list[Persona]) -> None:
-            nonlocal stopped
+            nonlocal stopped, done
             async with semaphore:
                 if stopped:
                     return
@@ -512,8 +513,13 @@ class SynthesisRun:
                     self._write(await self._synthesise(caller, passage, plan, candidates), pairs, failed)
                 except _Stop:
                     stopped = True
+                done += 1
                 if progress is not None:
                     progress.update(1)
+                elif done % every == 0 or done == len(todo):  # a log line every 10% where no bar is shown
+                    rate = (time.monotonic() - started) / done
+                    logger.info("synth %s: %d/%d passages, %.1f s/passage, about %.0f s left", self.report.shard,
+                                done, len(todo), rate, rate * (len(todo) - done))
 
         try:
             chunk = max(256, 4 * inflight)  # personas are retrieved a chunk at a time

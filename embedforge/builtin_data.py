@@ -43,6 +43,26 @@ class BuiltinCorpus:
     passages: dict[str, str]
     real_queries: BeirData | None = None
 
+    def sample(self, n: int) -> BuiltinCorpus:
+        """`n` passages spread evenly over the corpus, with the real queries whose relevant passages
+        are all among them (searched over those passages)."""
+        kept = dict(spread(list(self.passages.items()), n))
+        real = self.real_queries
+        if real is not None:
+            qrels = {q: docs for q, docs in real.qrels.items() if docs and set(docs) <= kept.keys()}
+            real = BeirData({q: real.queries[q] for q in qrels}, {d: t for d, t in real.corpus.items() if d in kept},
+                            qrels, source=real.source)
+        return BuiltinCorpus(self.name, f"{self.description} ({len(kept)} of {len(self.passages)} passages)",
+                             kept, real)
+
+
+def spread(items: list, n: int) -> list:
+    """n items evenly spaced over the list: a small sample still covers every part of the corpus."""
+    if n >= len(items):
+        return items
+    step = len(items) / n
+    return [items[int(i * step)] for i in range(n)]
+
 
 def python_docstrings(stdlib: str | Path | None = None, min_body_words: int = 25) -> BuiltinCorpus:
     """Standard-library docstrings: passage = qualified name + body, real query = summary."""

@@ -26,6 +26,11 @@ from embedforge.provenance import read_provenance, write_provenance
 from embedforge.recipe import Recipe
 
 
+def _progress(section: BaseModel) -> bool:
+    """A progress bar where a person watches (stderr is a terminal), else log lines; a recipe may say."""
+    return section.progress if "progress" in section.model_fields_set else sys.stderr.isatty()
+
+
 def section_config(section: BaseModel, config_cls: type[BaseModel], **wiring: Any) -> Any:
     """The stage config inside a recipe section, without the pipeline's own switches, plus wiring."""
     pipeline_only = set(type(section).model_fields) - set(config_cls.model_fields)
@@ -46,7 +51,7 @@ class CorpusOutcome(StageOutcome):
 def corpus_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> CorpusOutcome:
     """Passages for search and mining (all of them), passages for the generator (`max_passages`
     spread over the corpus), and the corpus's real queries as a BEIR folder when it has any."""
-    from embedforge.builtin_data import load_builtin_corpus
+    from embedforge.builtin_data import load_builtin_corpus, spread
     from embedforge.data_synth.corpus import load_corpus
     from embedforge.eval.beir import write_beir
 
@@ -54,23 +59,20 @@ def corpus_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> CorpusOut
     real = real_queries = None
     if source.startswith("builtin:"):
         corpus = load_builtin_corpus(source)
+        corpus = corpus.sample(sample) if sample else corpus
         passages = list(corpus.passages.items())
         description = corpus.description
         real_queries = corpus.real_queries
     else:
         chunks = load_corpus(source, chunk_tokens=recipe.corpus.chunk_tokens, overlap=recipe.corpus.overlap)
-        passages = [(p.id, p.text) for p in chunks]
+        passages = spread([(p.id, p.text) for p in chunks], sample) if sample else [(p.id, p.text) for p in chunks]
         description = source
     if not passages:
         raise InputError("the corpus holds no passages", path=source)
-    if sample:
-        passages = _spread(passages, sample)
-        if real_queries is not None:
-            real_queries = _restrict(real_queries, {pid for pid, _ in passages})
     if real_queries is not None:
         real = write_beir(out / "real-queries", real_queries, overwrite=True)
     write_jsonl(out / "passages.jsonl", ({"id": pid, "text": text} for pid, text in passages))
-    chosen = _spread(passages, recipe.corpus.max_passages) if recipe.corpus.max_passages else passages
+    chosen = spread(passages, recipe.corpus.max_passages) if recipe.corpus.max_passages else passages
     write_jsonl(out / "generator-passages.jsonl", ({"id": pid, "text": text} for pid, text in chosen))
     write_provenance(out, [], "corpus", source=source, description=description, passages=len(passages),
                      generator_passages=len(chosen),
@@ -80,22 +82,6 @@ def corpus_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> CorpusOut
                          real_query_count=len(real_queries.queries) if real is not None else 0)
 
 
-def _restrict(data, passage_ids: set[str]):
-    """The real queries whose relevant passages are all in the sampled corpus, over that corpus."""
-    from embedforge.eval.beir import BeirData
-
-    qrels = {q: docs for q, docs in data.qrels.items() if docs and set(docs) <= passage_ids}
-    return BeirData({q: data.queries[q] for q in qrels}, {d: t for d, t in data.corpus.items() if d in passage_ids},
-                    qrels, source=data.source)
-
-
-def _spread(items: list, n: int) -> list:
-    """n items evenly spaced over the list: a small sample still covers every part of the corpus."""
-    if n >= len(items):
-        return items
-    step = len(items) / n
-    return [items[int(i * step)] for i in range(n)]
-
 
 # --- data: synth, filter, split, mine -------------------------------------------------------------
 
@@ -104,7 +90,8 @@ def synth_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageOutco
     from embedforge.data_synth import SynthConfig, synthesize
 
     config = section_config(recipe.synth, SynthConfig, corpus=inputs["passages"], output=str(out / "work"),
-                            model=recipe.synth.model or recipe.model, chunk_tokens=None, overlap=0)
+                            model=recipe.synth.model or recipe.model, chunk_tokens=None, overlap=0,
+                            progress=_progress(recipe.synth))
     outcome = synthesize(config)
     if outcome.pending:
         raise EmbedforgeError(f"synth: {outcome.pending} passages pending after transport failures; rerun to resume")
@@ -169,7 +156,8 @@ def mine_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageOutcom
     from embedforge.data_synth import MineConfig, mine
 
     config = section_config(recipe.mine, MineConfig, data=[inputs["train"]], corpus=inputs["passages"],
-                            output=str(out / "work"), model=recipe.mine.model or recipe.model)
+                            output=str(out / "work"), model=recipe.mine.model or recipe.model,
+                            progress=_progress(recipe.mine))
     return mine(config)
 
 

@@ -94,27 +94,33 @@ def first_step_gradients(cfg: TrainConfig) -> tuple[float, dict[str, torch.Tenso
     return float(loss), grads, tokens
 
 
-def test_gradcache_checkpointing_and_packing_give_the_plain_gradients(tiny_qwen3_embedder, data_path, tmp_path,
+def test_chunking_checkpointing_and_packing_give_the_plain_gradients(tiny_qwen3_embedder, data_path, tmp_path,
                                                                       monkeypatch):
     import embedforge.embedder
+    import embedforge.train.gradcache
 
-    packed = []
-    real_pack = embedforge.embedder.pack
+    packed, chunked = [], []
+    real_pack, real_gradcache = embedforge.embedder.pack, embedforge.train.gradcache.gradcache_step
     monkeypatch.setattr(embedforge.embedder, "pack", lambda *a, **k: packed.append(1) or real_pack(*a, **k))
-    base = {"method": "lora", "lora": {"rank": 4}, "loss": {"matryoshka_dims": [16, 64]}, "packing": False}
+    monkeypatch.setattr(embedforge.train.gradcache, "gradcache_step",
+                        lambda *a, **k: chunked.append(1) or real_gradcache(*a, **k))
+    base = {"method": "lora", "lora": {"rank": 4}, "loss": {"matryoshka_dims": [16, 64]}, "packing": False,
+            "max_tokens_per_forward": None}
     plain_loss, plain, tokens = first_step_gradients(config(tiny_qwen3_embedder, data_path, tmp_path / "a", **base))
     assert any(g.abs().max() > 0 for g in plain.values())
     # The same float32 sums in other orders (train_workers/precision.py); the gradient compared as a
     # whole (one entry can be a sum that cancels). The loss reads similarities scaled by 1 / temperature
     # (20), which multiplies their rounding error.
     tolerance = reorder_rtol(torch.float32, transformer_terms(tokens, tiny_qwen3_embedder)) / 0.05
-    assert not packed
+    assert not packed and not chunked
     for extra in ({"mini_batch_size": 3}, {"mini_batch_size": 5, "gradient_checkpointing": True},
-                  {"packing": True}, {"packing": True, "mini_batch_size": 5}):
+                  {"packing": True}, {"packing": True, "mini_batch_size": 5}, {"max_tokens_per_forward": 64}):
         packed.clear()
+        chunked.clear()
         loss, grads, _ = first_step_gradients(config(tiny_qwen3_embedder, data_path, tmp_path / "b",
                                                      **{**base, **extra}))
         assert bool(packed) == extra.get("packing", False)
+        assert bool(chunked) == ("mini_batch_size" in extra or "max_tokens_per_forward" in extra)
         assert loss == pytest.approx(plain_loss, rel=tolerance)
         assert set(grads) == set(plain)
         assert relative_error(plain, grads) <= tolerance

@@ -130,7 +130,11 @@ class TrainConfig(FiniteModel):
 
     batch_size: int = Field(32, gt=0, description="global rows per step; capped to the smallest dataset, so a small "
                             "one still trains (the cap is logged)")
-    mini_batch_size: int | None = Field(None, gt=0)
+    mini_batch_size: int | None = Field(None, gt=0, description="at most this many texts per forward")
+    max_tokens_per_forward: int | Literal["auto"] | None = Field(
+        "auto", description="at most this many padded tokens per forward; a larger step runs in chunks with "
+        "GradCache (the same gradients); auto: half the memory free at start over an estimate of the "
+        "activations a token keeps (train/chunking.py); null: no limit")
     max_length: int = Field(512, gt=0)
     packing: bool | Literal["auto"] = Field(
         "auto", description="decoders: put short texts into the padding of long ones (each attends only to "

@@ -31,6 +31,7 @@ class EmbeddingTask(TrainingTask):
 
     def __init__(self) -> None:
         self.loss_fn = None
+        self.max_tokens: int | None = None
 
     def load(self, cfg: TrainConfig, device) -> Any:
         from embedforge.embedder import Embedder
@@ -49,9 +50,10 @@ class EmbeddingTask(TrainingTask):
         embedforge.json agree."""
         from embedforge import modeling
 
+        decisions = self._forward_budget(cfg, holder)
         spec = getattr(holder, "spec", None)
         if spec is None or spec.pooling != "lasttoken":
-            return cfg, []
+            return cfg, decisions
         wanted, why = cfg.append_eos, "append_eos"
         if wanted is None:
             source = str(cfg.model)
@@ -61,7 +63,18 @@ class EmbeddingTask(TrainingTask):
                 wanted, why = False, "a language model that is not an embedder yet: its EOS state ignores the text"
         spec.append_eos = wanted
         where = f"the appended {spec.eos_token!r}" if wanted else "the last real token"
-        return cfg.model_copy(update={"append_eos": wanted}), [f"pooling at {where} ({why})"]
+        return cfg.model_copy(update={"append_eos": wanted}), [*decisions, f"pooling at {where} ({why})"]
+
+    def _forward_budget(self, cfg: TrainConfig, holder) -> list[str]:
+        """Tokens per forward: as configured, or derived from the memory free now (train/chunking.py)."""
+        from embedforge.train.chunking import forward_token_budget
+
+        if cfg.max_tokens_per_forward != "auto":
+            self.max_tokens = cfg.max_tokens_per_forward
+            return [] if self.max_tokens is None else [f"at most {self.max_tokens} tokens per forward"]
+        dtype = next(holder.model.parameters()).dtype
+        self.max_tokens, why = forward_token_budget(holder.model.config, cfg.max_length, dtype, holder.device)
+        return [why]
 
     def likely_causes(self, cfg: TrainConfig, holder) -> list[str]:
         causes = []
@@ -106,6 +119,7 @@ class EmbeddingTask(TrainingTask):
 
     def step(self, run: StepRuntime, batch: Batch) -> StepResult:
         from embedforge.packing import real_tokens
+        from embedforge.train.chunking import plan_chunks
         from embedforge.train.distributed import gather_embedding_batch
         from embedforge.train.gradcache import gradcache_step
         from embedforge.train.losses import EmbeddingBatch, LossOutput, text_hashes
@@ -125,8 +139,7 @@ class EmbeddingTask(TrainingTask):
         truncated = {"truncated_texts": float(sum(len(r) >= cfg.max_length for r in rows))}
         # Length-grouped chunks: texts sorted by token count, so each forward pads (or packs) as little as possible.
         order = sorted(range(len(flat)), key=lambda i: (len(rows[i]), i))
-        chunk = cfg.mini_batch_size or len(flat)
-        chunks = [order[i:i + chunk] for i in range(0, len(order), chunk)]
+        chunks = plan_chunks(order, [len(r) for r in rows], self.max_tokens, cfg.mini_batch_size)
         features = [holder.batch([rows[i] for i in c], packing=cfg.packing) for c in chunks]
         tokens = sum(real_tokens(f) for f in features)
         inverse = torch.empty(len(flat), dtype=torch.long)
