@@ -1,8 +1,10 @@
 """`Embedder`: text -> L2-normalised vectors, with Qwen3-Embedding conventions by default.
 
-Decoders (Qwen3, Llama, SmolLM2, Mistral...) embed with the last token's state after an
-`<|endoftext|>` appended exactly once, whichever tokenizer is handed in (the released
-Qwen3-Embedding tokenizer appends it itself, base Qwen3 tokenizers do not: pain point 2).
+Decoder embedders (Qwen3-Embedding and models trained like it) embed with the last token's state
+after an `<|endoftext|>` appended exactly once, whichever tokenizer is handed in (the released
+Qwen3-Embedding tokenizer appends it itself, base Qwen3 tokenizers do not). A chat LLM that is not an
+embedder yet (SmolLM2-Instruct) embeds each text as one user turn of its chat template, as
+sentence-transformers does; another causal LM pools its last real token.
 Encoders use the pooling their sentence-transformers folder declares, or mean pooling.
 The same `tokenize` + `embed` pair serves inference, training and export, so they cannot drift.
 Decoders can also run padding-free: `tokenize(..., packing=True)` packs several texts per row

@@ -1,7 +1,8 @@
 """Pooling of token states into one vector, and Matryoshka truncation.
 
 Last-token pooling finds the last real token from the attention mask, so it is right under left
-AND right padding (the silent left-padding bug of several frameworks is pain point 1)."""
+AND right padding (reading position -1 under right padding, or the first pad under left padding,
+silently pools the wrong token)."""
 
 from __future__ import annotations
 
