@@ -166,17 +166,20 @@ def mine_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageOutcom
 
 def base_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageOutcome:
     """The untrained backbone in the layout the trainer writes, for merging and evaluation."""
+    from embedforge.io import atomic_dir
+
     folder = out / "model"
-    if recipe.task == "embedding":
-        from embedforge.embedder import Embedder
+    with atomic_dir(folder, overwrite=True) as tmp:  # a killed save leaves no folder that loads
+        if recipe.task == "embedding":
+            from embedforge.embedder import Embedder
 
-        Embedder.from_pretrained(recipe.model, dtype="float32").save_pretrained(
-            folder, default_instruction=recipe.instruction)
-    else:
-        from embedforge.reranker import Reranker
+            Embedder.from_pretrained(recipe.model, dtype="float32").save_pretrained(
+                tmp, default_instruction=recipe.instruction)
+        else:
+            from embedforge.reranker import Reranker
 
-        Reranker.from_pretrained(recipe.model, dtype="float32").save_pretrained(folder)
-    write_provenance(folder, [], "base", model=public_name(recipe.model))
+            Reranker.from_pretrained(recipe.model, dtype="float32").save_pretrained(tmp)
+        write_provenance(tmp, [], "base", model=public_name(recipe.model))
     return StageOutcome(output=str(folder))
 
 
@@ -266,7 +269,12 @@ def merge_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageOutco
                   "base": inputs["base"] if section.method == "slerp" else None}
     config = section_config(section, MergeConfig, output=str(out / "model"), overwrite=True,
                             report=str(out / "merge_report.json"), show_progress=False, **wiring)
-    return merge(config)
+    outcome = merge(config)
+    if section.with_ == "base":
+        # A fine-tuned model and its own base are nearly parallel, so slerp is lerp by construction;
+        # the advice to slerp deltas from a common base does not apply (one of the two IS the base).
+        outcome.warnings = [w for w in outcome.warnings if not w.startswith("slerp equals lerp")]
+    return outcome
 
 
 def export_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> StageOutcome:

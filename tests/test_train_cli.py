@@ -120,3 +120,22 @@ def test_tiny_embedding_recipe_trains_in_bf16(tiny_qwen3_embedder, tmp_path):
     assert len(losses) == 2 and all(np.isfinite(losses))
     vectors = Embedder.from_pretrained(out / "final").encode(["find alpha beta"])
     assert vectors.shape == (1, 64) and np.isfinite(vectors).all()
+
+
+def test_wandb_writes_under_the_run_folder_and_the_run_ends_in_one_line(tiny_qwen3_embedder, tmp_path, monkeypatch,
+                                                                        capsys):
+    """wandb (offline) keeps its files in the run's output folder, not wherever the command was started."""
+    pytest.importorskip("wandb")  # in the dev extra
+    cwd = tmp_path / "started-here"
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    data = write_toy(tmp_path / "pairs.jsonl", 16)
+    out = tmp_path / "run"
+    assert main(["train", "--model", str(tiny_qwen3_embedder), "--data", str(data), "--output", str(out),
+                 "--max-steps", "2", "--batch-size", "4", "--set", "report_to=[jsonl, wandb]"]) == 0
+    assert list((out / "wandb").glob("offline-run-*")), sorted(p.name for p in out.iterdir())
+    assert not any(cwd.iterdir())
+    final = [line for line in capsys.readouterr().out.splitlines() if line.strip()]
+    assert final and str(out) in final[-1]

@@ -13,7 +13,6 @@ attention mask, so every row sees exactly the positions and context it would see
 
 from __future__ import annotations
 
-import hashlib
 import os
 import time
 from collections.abc import Sequence
@@ -31,10 +30,23 @@ def _cache_argument() -> str:
     return "cache" if int(transformers.__version__.split(".")[0]) >= 5 else "past_key_values"
 
 
-def batch_seed(seeds: Sequence[int]) -> int:
-    """One torch seed for a batch, fixed by its members' seeds (rows of one batch share a generator)."""
-    digest = hashlib.sha256(",".join(map(str, seeds)).encode()).digest()
-    return int.from_bytes(digest[:4], "big")
+class RowSampler:
+    """Sampling as a logits processor for greedy `generate`: each row adds Gumbel noise drawn from its
+    own generator (seeded by its passage), so argmax picks a sample of the warped distribution and a
+    row's reply does not depend on the rows it is batched with (a resumed run batches differently)."""
+
+    def __init__(self, seeds: Sequence[int]):
+        import torch
+
+        self.generators = [torch.Generator().manual_seed(int(seed)) for seed in seeds]
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        uniform = torch.stack([torch.rand(scores.shape[1], generator=g, dtype=torch.float64)
+                               for g in self.generators]).clamp_(min=1e-300)
+        gumbel = -torch.log(-torch.log(uniform))
+        return scores + gumbel.to(device=scores.device, dtype=scores.dtype)
 
 
 def shared_prefix_length(rows: Sequence[Sequence[int]]) -> int:
@@ -124,7 +136,7 @@ class TransformersBackend:
         self, batch: Sequence[Messages], params: GenerationParams, seeds: Sequence[int] | None = None
     ) -> list[Result]:
         import torch
-        from transformers import LogitsProcessorList
+        from transformers import LogitsProcessorList, TemperatureLogitsWarper, TopPLogitsWarper
 
         seeds = list(seeds) if seeds is not None else [0] * len(batch)
         results: list[Result] = []
@@ -140,20 +152,24 @@ class TransformersBackend:
             ]
             began = time.monotonic()
             ids, mask, cache = self._inputs(rows)
-            torch.manual_seed(batch_seed(seeds[start : start + self.batch_size]))
-            sampling = params.temperature > 0
+            processors = self._processors(params, len(rows), ids.shape[1])
+            if params.temperature > 0:  # warp, then each row samples with its own generator
+                processors += [TemperatureLogitsWarper(params.temperature)]
+                if params.top_p is not None and params.top_p < 1:
+                    processors += [TopPLogitsWarper(params.top_p)]
+                processors += [RowSampler(seeds[start : start + self.batch_size])]
             with torch.inference_mode():
                 out = self.lm.generate(
                     input_ids=ids,
                     attention_mask=mask,
                     **({_cache_argument(): cache} if cache is not None else {}),
                     max_new_tokens=params.max_new_tokens,
-                    do_sample=sampling,
-                    temperature=params.temperature if sampling else None,
-                    top_p=params.top_p if sampling else None,
+                    do_sample=False,
+                    temperature=None,
+                    top_p=None,
                     top_k=None,
                     pad_token_id=self.tokenizer.pad_token_id,
-                    logits_processor=LogitsProcessorList(self._processors(params, len(rows), ids.shape[1])),
+                    logits_processor=LogitsProcessorList(processors),
                 )
             new = out[:, ids.shape[1] :]
             texts = self.tokenizer.batch_decode(new, skip_special_tokens=True)
