@@ -158,15 +158,16 @@ def validate_recipe(recipe) -> None:
     for name in recipe.eval.sets:
         if name.startswith("builtin:"):
             known(name, "eval.sets", BUILTIN_CORPORA)
-        elif name not in ("corpus", "heldout"):
+        elif name not in ("corpus", "covered", "heldout"):
             known(name, "eval.sets path", {})
     if recipe.train.launch is not None and recipe.train.launch.config_file:
         from embedforge.stages import accelerate_config
 
         accelerate_config(recipe.train.launch.config_file)
-    if "corpus" in recipe.eval.sets and not recipe.corpus.path.startswith("builtin:"):
-        raise ConfigError("eval.sets: `corpus` means the corpus's own real queries, which only built-in corpora "
-                          "carry; list a BEIR folder of real queries instead")
+    for name in ("corpus", "covered"):
+        if name in recipe.eval.sets and not recipe.corpus.path.startswith("builtin:"):
+            raise ConfigError(f"eval.sets: `{name}` means the corpus's own real queries, which only built-in "
+                              "corpora carry; list a BEIR folder of real queries instead")
 
 
 def eval_sets(recipe, corpus: dict[str, Any], heldout: str | None, workdir: Path) -> dict[str, str]:
@@ -181,6 +182,11 @@ def eval_sets(recipe, corpus: dict[str, Any], heldout: str | None, workdir: Path
                 raise ConfigError(f"eval.sets: corpus: {recipe.corpus.path} has no real queries; list a BEIR "
                                   "folder of real queries, or `heldout` for synthetic ones")
             sets[f"{recipe.corpus.path.removeprefix('builtin:')} (real queries)"] = corpus["real_queries"]
+        elif name == "covered":
+            if not corpus.get("covered_queries"):
+                raise ConfigError(f"eval.sets: covered: {recipe.corpus.path} has no real queries")
+            sets[f"{recipe.corpus.path.removeprefix('builtin:')} (real queries, generator's passages)"] = (
+                corpus["covered_queries"])
         elif name == "heldout":
             sets["heldout (synthetic queries)"] = heldout or ""
         elif name.startswith("builtin:"):

@@ -96,8 +96,10 @@ class MergeSection(MergeConfig):
 
 class EvalSection(EvalConfig):
     """Which sets every model (base, trained, merged) is evaluated on, each with intervals and a
-    paired test against the base: `corpus` (the corpus's own real queries), `heldout` (synthetic,
-    see split), `builtin:NAME` (a built-in corpus's real queries) or a BEIR folder."""
+    paired test against the base: `corpus` (the corpus's own real queries), `covered` (the real
+    queries of the passages the generator wrote for, `corpus.max_passages`, searched over the whole
+    corpus: what the adaptation targets when the generator's budget covers part of the corpus),
+    `heldout` (synthetic, see split), `builtin:NAME` (a built-in corpus's real queries) or a BEIR folder."""
 
     sets: list[str] = Field(default_factory=lambda: ["corpus"])
     first_stage: str | None = Field(None, description="reranker recipes: the embedder whose top-k is reranked")

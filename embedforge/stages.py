@@ -46,6 +46,8 @@ class CorpusOutcome(StageOutcome):
     generator_passages: int
     real_queries: str | None = None
     real_query_count: int = 0
+    covered_queries: str | None = None
+    covered_query_count: int = 0
 
 
 def corpus_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> CorpusOutcome:
@@ -53,7 +55,7 @@ def corpus_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> CorpusOut
     spread over the corpus), and the corpus's real queries as a BEIR folder when it has any."""
     from embedforge.builtin_data import load_builtin_corpus, spread
     from embedforge.data_synth.corpus import load_corpus
-    from embedforge.eval.beir import write_beir
+    from embedforge.eval.beir import BeirData, write_beir
 
     source, sample = recipe.corpus.path, recipe.corpus.sample
     real = real_queries = None
@@ -74,12 +76,21 @@ def corpus_stage(recipe: Recipe, inputs: dict[str, str], out: Path) -> CorpusOut
     write_jsonl(out / "passages.jsonl", ({"id": pid, "text": text} for pid, text in passages))
     chosen = spread(passages, recipe.corpus.max_passages) if recipe.corpus.max_passages else passages
     write_jsonl(out / "generator-passages.jsonl", ({"id": pid, "text": text} for pid, text in chosen))
+    covered = None
+    if real_queries is not None:  # the real queries of the generator's passages, searched over all passages
+        given = {pid for pid, _ in chosen}
+        qrels = {q: docs for q, docs in real_queries.qrels.items() if docs and set(docs) <= given}
+        covered = write_beir(out / "covered-queries", BeirData({q: real_queries.queries[q] for q in qrels},
+                                                               real_queries.corpus, qrels,
+                                                               source=real_queries.source), overwrite=True)
     write_provenance(out, [], "corpus", source=source, description=description, passages=len(passages),
                      generator_passages=len(chosen),
                      real_queries=len(real_queries.queries) if real is not None else 0)
     return CorpusOutcome(output=str(out / "passages.jsonl"), passages=len(passages),
                          generator_passages=len(chosen), real_queries=str(real) if real else None,
-                         real_query_count=len(real_queries.queries) if real is not None else 0)
+                         real_query_count=len(real_queries.queries) if real is not None else 0,
+                         covered_queries=str(covered) if covered else None,
+                         covered_query_count=len(qrels) if covered else 0)
 
 
 

@@ -153,3 +153,18 @@ def test_corpus_sample_keeps_the_real_queries_of_the_sampled_passages(tmp_path):
     assert set(real.corpus) == set(ids) and outcome.real_query_count == len(real.queries) > 0
     expected = {q for q, docs in full.real_queries.qrels.items() if set(docs) <= set(ids)}
     assert set(real.queries) == expected and all(real.queries[q] == full.real_queries.queries[q] for q in expected)
+
+
+def test_covered_queries_are_those_of_the_generators_passages_over_the_whole_corpus(tmp_path):
+    from embedforge.builtin_data import load_builtin_corpus
+    from embedforge.eval.beir import load_beir
+
+    recipe = Recipe.model_validate({"name": "c", "model": "builtin:minilm", "eval": {"sets": ["covered"]},
+                                    "corpus": {"path": "builtin:python-docstrings", "max_passages": 40}})
+    outcome = stages.corpus_stage(recipe, {}, tmp_path)
+    full = load_builtin_corpus("builtin:python-docstrings")
+    given = {json.loads(line)["id"] for line in (tmp_path / "generator-passages.jsonl").read_text().splitlines()}
+    covered = load_beir(outcome.covered_queries)
+    assert len(given) == 40 and set(covered.corpus) == set(full.passages)  # searched over every passage
+    assert set(covered.queries) == {q for q, docs in full.real_queries.qrels.items() if set(docs) <= given}
+    assert outcome.covered_query_count == len(covered.queries) > 0
