@@ -48,6 +48,9 @@ logger = logging.getLogger(__name__)
 
 QWEN_EOS = "<|endoftext|>"
 PRECISIONS = ("float32", "int8", "uint8", "binary", "ubinary")
+# Texts are cut to this many characters per token kept before tokenizing, so a 50 MB line costs what its
+# first tokens cost; a cut text that gives fewer tokens than are kept (no real text does) is tokenized whole.
+CHARS_PER_TOKEN_BOUND = 64
 # sentence-transformers (6 and later) renders text through the chat template when a folder declares
 # the message modality: the same user turn our Embedder builds for a chat-template spec.
 CHAT_MODALITIES = {"modality_config": {
@@ -300,21 +303,35 @@ class Embedder:
             return self._chat_rows(list(texts), prompts, max_length)
         formatted = [(p or "") + t for p, t in zip(prompts, texts)]
         if not self.spec.append_eos:  # encoders: the tokenizer's own special tokens ([CLS] ... [SEP])
-            batch = self.tokenizer(formatted, truncation=True, max_length=max_length)
-            encodings = batch.encodings or []  # fast tokenizers report what truncation cut off
-            self._warn_truncated(sum(bool(e.overflowing) for e in encodings), max_length)
-            return batch["input_ids"]
+            cap = CHARS_PER_TOKEN_BOUND * max_length
+            batch = self.tokenizer([t[:cap] for t in formatted], truncation=True, max_length=max_length)
+            rows, encodings = batch["input_ids"], batch.encodings or []  # fast tokenizers report overflow
+            cut = [len(t) > cap for t in formatted]
+            for i in (i for i, c in enumerate(cut) if c and len(rows[i]) < max_length):
+                rows[i] = self.tokenizer(formatted[i], truncation=True, max_length=max_length)["input_ids"]
+            overflow = [bool(e.overflowing) for e in encodings] or [False] * len(rows)
+            self._warn_truncated(sum(c or o for c, o in zip(cut, overflow)), max_length)
+            return rows
         budget = max_length - len(self._prefix_ids) - 1
         if budget < 1:
             raise InputError(f"max_length={max_length} leaves no room for text")
         rows, truncated, eos = [], 0, self._eos_id
-        for ids in self.tokenizer(formatted, add_special_tokens=False)["input_ids"]:
+        for ids in self._ids(formatted, budget + 1, add_special_tokens=False):
             while ids and ids[-1] == eos:  # the text itself ended in EOS: keep one
                 ids = ids[:-1]
             if len(ids) > budget:
                 ids, truncated = ids[:budget], truncated + 1
             rows.append(self._prefix_ids + ids + [eos])
         self._warn_truncated(truncated, max_length)
+        return rows
+
+    def _ids(self, texts: list[str], keep: int, **kwargs: Any) -> list[list[int]]:
+        """Token ids of each text, of which at least the first `keep` are exact (CHARS_PER_TOKEN_BOUND)."""
+        cap = CHARS_PER_TOKEN_BOUND * max(keep, 1)
+        rows = self.tokenizer([t[:cap] for t in texts], **kwargs)["input_ids"]
+        for i, text in enumerate(texts):
+            if len(text) > cap and len(rows[i]) < keep:
+                rows[i] = self.tokenizer(text, **kwargs)["input_ids"]
         return rows
 
     @staticmethod
@@ -332,6 +349,9 @@ class Embedder:
         """Each text as one user turn of the chat template (after a system turn holding its prompt,
         if any), tokenized as rendered: the ids sentence-transformers feeds. An over-long text is cut,
         never the template around it: the pooled token is the turn's last."""
+        cap = CHARS_PER_TOKEN_BOUND * max_length
+        texts = [t if len(t) <= cap else t[:cap] if len(self._ids([t], max_length)[0]) >= max_length else t
+                 for t in texts]
         conversations = [([{"role": "system", "content": p}] if p else []) + [{"role": "user", "content": t}]
                          for p, t in zip(prompts, texts)]
         rendered = self.tokenizer.apply_chat_template(conversations, tokenize=False, add_generation_prompt=False)

@@ -208,3 +208,34 @@ def test_unknown_model_path_is_a_clear_error(tmp_path):
     empty.mkdir()
     with pytest.raises(ModelLoadError, match="no config.json"):
         Embedder.from_pretrained(empty)
+
+
+@pytest.mark.parametrize("which", ["tiny_qwen3_embedder", "minilm", "smollm2"])
+def test_a_huge_text_is_cut_before_tokenizing_with_the_ids_of_the_whole_text(which, request, monkeypatch):
+    """A 20 MB line costs what its first tokens cost (the tokenizer never sees more than
+    CHARS_PER_TOKEN_BOUND characters per kept token), and the ids are those of the whole text truncated."""
+    import embedforge.embedder
+    from embedforge.embedder import CHARS_PER_TOKEN_BOUND
+
+    emb = Embedder.from_pretrained(request.getfixturevalue(which), dtype="float32")
+    seen = []
+    real = emb.tokenizer.__class__.__call__
+
+    def spy(self, text, *args, **kwargs):
+        seen.extend(len(t) for t in ([text] if isinstance(text, str) else text))
+        return real(self, text, *args, **kwargs)
+
+    medium = "alpha beta gamma, delta! " * 2_000  # 50k characters
+    huge = medium * 400  # 20 MB
+    with monkeypatch.context() as patch:  # the reference: the whole text tokenized, then truncated
+        patch.setattr(embedforge.embedder, "CHARS_PER_TOKEN_BOUND", 10**9)
+        with pytest.warns(UserWarning, match="truncated"):
+            want = emb.token_ids([medium], max_length=64)
+    try:
+        type(emb.tokenizer).__call__ = spy
+        with pytest.warns(UserWarning, match="truncated"):
+            got = emb.token_ids([huge], max_length=64)
+    finally:
+        type(emb.tokenizer).__call__ = real
+    assert got == want and len(got[0]) == 64
+    assert seen and max(seen) <= CHARS_PER_TOKEN_BOUND * 64 + 1000  # + the chat template around the text
