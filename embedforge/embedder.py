@@ -582,6 +582,7 @@ class Embedder:
         folder.mkdir(parents=True, exist_ok=True)
         self.model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
+        modeling.strip_auto_map(folder)  # remote code is never saved beside the weights
         write_sentence_transformers_config(folder, self.spec, self.dimension, default_instruction)
         return folder
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -231,3 +232,21 @@ def read_model_config(name_or_path: str | os.PathLike) -> dict[str, Any]:
 def is_decoder_config(config: dict[str, Any]) -> bool:
     archs = config.get("architectures") or []
     return config.get("model_type") in DECODER_MODEL_TYPES or any("CausalLM" in a for a in archs)
+
+
+def strip_auto_map(folder: str | os.PathLike) -> list[str]:
+    """Remove `auto_map` from the folder's config files; returns the files changed.
+
+    `auto_map` points transformers at `*.py` files shipped beside the weights (remote code); an output
+    that does not ship those files must not name them, or `trust_remote_code` loads fail on it.
+    """
+    changed, folder = [], Path(folder)
+    for name in ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
+        path = folder / name
+        if not path.exists():
+            continue
+        data = json.loads(path.read_text(encoding="utf-8"))
+        if isinstance(data, dict) and data.pop("auto_map", None) is not None:
+            path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+            changed.append(f"{name}: auto_map")
+    return changed

@@ -178,6 +178,7 @@ class Reranker:
         folder = Path(folder)
         self.model.save_pretrained(folder, safe_serialization=True)
         self.tokenizer.save_pretrained(folder)
+        modeling.strip_auto_map(folder)  # remote code is never saved beside the weights
         return folder
 
 

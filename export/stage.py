@@ -68,7 +68,7 @@ def clean_config(folder: Path) -> list[str]:
     sentence-transformers' ONNX backend, optimum, runs on) ignores that key and silently uses its
     default base of 10000, which gives other vectors. Both versions read a top-level `rope_theta`.
     """
-    from embedforge.merge.stream import strip_auto_map
+    from embedforge.modeling import strip_auto_map
 
     path = folder / "config.json"
     config = json.loads(path.read_text(encoding="utf-8"))

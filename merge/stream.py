@@ -27,6 +27,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 from typing_extensions import Self
 
+from embedforge import modeling
 from embedforge.errors import InputError
 from embedforge.merge.config import DEFAULT_MAX_SHARD_BYTES
 
@@ -363,24 +364,6 @@ class CopiedSupport:
     """Python files not copied, and the JSON files whose `auto_map` (which names them) was removed."""
 
 
-def strip_auto_map(folder: Path) -> list[str]:
-    """Remove `auto_map` from the folder's config files; returns the files changed.
-
-    `auto_map` points transformers at `*.py` files shipped beside the weights (remote code); an output
-    that does not ship those files must not name them, or `trust_remote_code` loads fail on it.
-    """
-    changed = []
-    for name in ("config.json", "tokenizer_config.json", "processor_config.json", "preprocessor_config.json"):
-        path = folder / name
-        if not path.exists():
-            continue
-        data = json.loads(path.read_text(encoding="utf-8"))
-        if isinstance(data, dict) and data.pop("auto_map", None) is not None:
-            path.write_text(json.dumps(data, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-            changed.append(f"{name}: auto_map")
-    return changed
-
-
 def copy_support_files(source: Path, destination: Path) -> CopiedSupport:
     """Copy config, tokenizer and module files: everything but weights, training state and remote code.
 
@@ -406,7 +389,7 @@ def copy_support_files(source: Path, destination: Path) -> CopiedSupport:
             and not name.startswith(("optimizer", "scheduler", "rng_state", "training_args"))
         ):
             shutil.copy2(entry, destination / name)
-    dropped += strip_auto_map(destination)
+    dropped += modeling.strip_auto_map(destination)
     return CopiedSupport(notes, dropped)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -239,3 +241,18 @@ def test_a_huge_text_is_cut_before_tokenizing_with_the_ids_of_the_whole_text(whi
         type(emb.tokenizer).__call__ = real
     assert got == want and len(got[0]) == 64
     assert seen and max(seen) <= CHARS_PER_TOKEN_BOUND * 64 + 1000  # + the chat template around the text
+
+
+def test_a_saved_model_never_names_remote_code(tiny_qwen3_embedder, tmp_path):
+    """A source whose config names remote code (`auto_map`) loads with the native class; what we save
+    (train checkpoints and final models go through save_pretrained) ships no `*.py`, so names none."""
+    import shutil
+
+    source = tmp_path / "source"
+    shutil.copytree(tiny_qwen3_embedder, source)
+    config = json.loads((source / "config.json").read_text())
+    config["auto_map"] = {"AutoModel": "modeling_custom.CustomModel"}
+    (source / "config.json").write_text(json.dumps(config))
+    saved = Embedder.from_pretrained(source).save_pretrained(tmp_path / "saved")
+    assert "auto_map" not in json.loads((saved / "config.json").read_text())
+    assert not list(saved.glob("*.py"))
