@@ -234,8 +234,9 @@ def run_recipe(recipe, *, workdir: str | os.PathLike | None = None, progress: Ca
             filtered = step("filter", recipe.filter, {"pairs": pairs, "eval_sets": json.dumps(real_queries)},
                             stages.filter_stage)
             pairs = str(Path(filtered["output"]) / "pairs.jsonl")
-        else:
-            pairs = str(Path(pairs))
+        else:  # the synthetic rows as written: the pipeline synthesises in one process, so one shard file
+            shards = sorted(Path(pairs).glob("pairs-*-of-*.jsonl"))
+            pairs = str(shards[0]) if len(shards) == 1 else pairs
         if "heldout" in recipe.eval.sets:
             split = step("split", recipe.split, {"pairs": pairs, "passages": passages}, stages.split_stage)
             heldout, pairs = split["heldout"], split["output"]

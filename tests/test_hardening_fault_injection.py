@@ -232,3 +232,16 @@ def test_sampled_synthesis_resumed_mid_batch_gives_the_rows_of_an_uninterrupted_
 
     got, want = rows(tmp_path / "resumed"), rows(tmp_path / "whole")
     assert got == want, f"synthetic rows: extra {sorted(got - want)}, lost {sorted(want - got)}"
+
+
+def test_without_the_filter_the_synthetic_rows_train_as_written(world):
+    """filter.enabled: false hands train the synthesis shard itself (it once handed it the folder)."""
+    root, recipe, reference = world
+    workdir = root / "no-filter"
+    for name in ("corpus", "synth"):  # finished stages, reused as a rerun would
+        shutil.copytree(stage(reference, name), workdir / stage(reference, name).name)
+    done = launch(["run", str(recipe), "--workdir", str(workdir), "--set", "filter.enabled=false"])
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert not list(workdir.glob("filter-*"))
+    trained = json.loads((stage(workdir, "train") / "work" / "train_result.json").read_text())
+    assert trained["steps"] == STEPS
