@@ -127,3 +127,36 @@ def test_ddp_two_processes_equal_one_process(tiny_qwen3_embedder, tmp_path):
     records = metric_lines(tmp_path / "one")
     assert_same_steps(tiny_qwen3_embedder, records, metric_lines(tmp_path / "two"))
     assert_same_weights(tiny_qwen3_embedder, tensors(tiny_qwen3_embedder / "model.safetensors"), one, two, records)
+
+
+def test_a_pipeline_run_on_two_processes_ends_with_the_one_process_model(tiny_qwen3_embedder, tmp_path):
+    """`embedforge run` with `train.launch.num_processes: 2` runs its train stage under `accelerate
+    launch` (the command a user types) and ends with the model of a one-process pipeline run, within
+    the bound of the test above."""
+    import yaml
+
+    train_section = yaml.safe_load(write_recipe(tmp_path, tiny_qwen3_embedder, "full", steps=3,
+                                                save_steps=0).read_text())
+    del train_section["model"]
+    recipe = tmp_path / "pipeline.yaml"
+    recipe.write_text(json.dumps({
+        "name": "launch", "model": str(tiny_qwen3_embedder), "synth": {"enabled": False},
+        "filter": {"enabled": False}, "mine": {"enabled": False}, "train": train_section,
+        "merge": {"enabled": False}, "eval": {"sets": []}, "export": {"enabled": False}}))
+    env = dict(os.environ, OMP_NUM_THREADS="1", MKL_NUM_THREADS="1", HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false")
+    launch = (f"train.launch={{num_processes: 2, extra_args: [--main_process_port, '{free_port()}', "
+              "--mixed_precision, 'no', --dynamo_backend, 'no']}")
+    finals = {}
+    for name, extra in (("one", []), ("two", ["--set", launch])):
+        done = subprocess.run([sys.executable, "-m", "embedforge", "run", str(recipe), "--workdir",
+                               str(tmp_path / name), *extra], env=env, capture_output=True, text=True,
+                              timeout=400, check=False)
+        assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-6000:]
+        (final,) = (tmp_path / name).glob("train-*/work/final/model.safetensors")
+        finals[name] = final
+    # the launched run went through the recipe file `accelerate launch` reads; the reference ran in-process
+    assert list((tmp_path / "two").glob("train-*/train.yaml")) and not list((tmp_path / "one").glob("train-*/train.yaml"))
+    records = metric_lines(finals["one"].parent.parent)
+    assert_same_steps(tiny_qwen3_embedder, records, metric_lines(finals["two"].parent.parent))
+    assert_same_weights(tiny_qwen3_embedder, tensors(tiny_qwen3_embedder / "model.safetensors"),
+                        tensors(finals["one"]), tensors(finals["two"]), records)
