@@ -1,14 +1,15 @@
 """Collation: the texts of one batch as each task's loss needs them.
 
 Embedding: queries with their instruction (applied by the embedder, as a prompt or, for a chat
-LLM, as the system turn), positives, and up to `num_negatives` hard
-negatives per row (`ContrastiveTexts`). Reranker: one group per row, the positive first and then
+LLM, as the system turn), positives, up to `num_negatives` hard negatives per row and the teacher
+scores of the positive and of the negatives picked (`ContrastiveTexts`). Reranker: one group per row, the positive first and then
 its negatives (`RerankerGroups`). Negatives are subsampled with a seed of (run seed, step), so one
 process and several processes pick the same ones.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
@@ -21,39 +22,53 @@ from embedforge.train.sampler import Batch
 class ContrastiveTexts:
     """Texts of one batch for the embedding loss: queries and the instruction of each (the row's,
     else its dataset's), positives; `negatives[i]` holds at most `k` texts (rows with fewer are
-    padded and masked later)."""
+    padded and masked later); `teacher_scores[i]` = [t(q, positive), t(q, negatives[i][0]), ...],
+    1 + len(negatives[i]) numbers, NaN where the teacher gave none (all NaN for a row without
+    teacher scores)."""
 
     queries: list[str]
     instructions: list[str | None]
     positives: list[str]
     negatives: list[list[str]]
     k: int
+    teacher_scores: list[list[float]]
 
     def slice(self, start: int, stop: int) -> ContrastiveTexts:
         return ContrastiveTexts(self.queries[start:stop], self.instructions[start:stop], self.positives[start:stop],
-                                self.negatives[start:stop], self.k)
+                                self.negatives[start:stop], self.k, self.teacher_scores[start:stop])
 
 
-def choose_negatives(batch: Batch, seed: int) -> list[list[str]]:
-    """Up to `num_negatives` of each row's negatives; more are subsampled (seeded by step and row),
-    so one process and several processes pick the same ones."""
+def choose_negative_indices(batch: Batch, seed: int) -> list[list[int]]:
+    """Which of each row's negatives go into the batch: all when there are at most `num_negatives`,
+    else a sorted subsample seeded by (seed, step), so one process and several processes pick the
+    same ones."""
     rng = np.random.default_rng([seed, batch.index, 31])
     out = []
     for row in batch.rows:
-        negs = list(row.negatives)
-        if len(negs) > batch.num_negatives:
-            picked = sorted(rng.choice(len(negs), size=batch.num_negatives, replace=False).tolist())
-            negs = [negs[j] for j in picked]
-        out.append(negs)
+        count = len(row.negatives)
+        if count > batch.num_negatives:
+            out.append(sorted(rng.choice(count, size=batch.num_negatives, replace=False).tolist()))
+        else:
+            out.append(list(range(count)))
     return out
 
 
+def choose_negatives(batch: Batch, seed: int) -> list[list[str]]:
+    """Up to `num_negatives` of each row's negatives (`choose_negative_indices`)."""
+    picks = choose_negative_indices(batch, seed)
+    return [[row.negatives[j] for j in picked] for row, picked in zip(batch.rows, picks)]
+
+
 def contrastive_texts(batch: Batch, seed: int) -> ContrastiveTexts:
-    negatives = choose_negatives(batch, seed)
+    picks = choose_negative_indices(batch, seed)
+    negatives = [[row.negatives[j] for j in picked] for row, picked in zip(batch.rows, picks)]
+    teacher = [[math.nan] * (1 + len(picked)) if row.teacher_scores is None
+               else [row.teacher_scores[0], *(row.teacher_scores[1 + j] for j in picked)]
+               for row, picked in zip(batch.rows, picks)]
     instructions = [r.instruction if r.instruction is not None else batch.instruction for r in batch.rows]
     k = max((len(n) for n in negatives), default=0)
     return ContrastiveTexts([r.query for r in batch.rows], [i or None for i in instructions],
-                            [r.positive for r in batch.rows], negatives, k)
+                            [r.positive for r in batch.rows], negatives, k, teacher)
 
 
 @dataclass

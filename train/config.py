@@ -63,6 +63,36 @@ LOSS_PRESETS: dict[str, dict] = {
 }
 
 
+class DistillSettings(FiniteModel):
+    """Distillation from a reranker teacher into the embedder (GPL-style pseudo-labels), added to the
+    InfoNCE. It reads each row's `teacher_scores` (data_synth.mine with a teacher writes them); rows
+    or scores without them contribute nothing to this term. Losses and their scales: train/distill.py."""
+
+    kind: Literal["margin_mse", "kl"] = Field(
+        description="margin_mse: the student's margin (positive minus each hard negative, in cos/tau logits) "
+        "regresses onto the teacher's (Hofstaetter et al. 2020, GPL's objective), so the teacher's graded view of "
+        "how much better the positive is reaches the student; kl: KL(teacher || student) over each row's positive "
+        "and hard negatives (RocketQAv2), which matches only the teacher's ranking distribution")
+    weight: float = Field(1.0, gt=0, description="multiplies the distillation loss before it is added to the "
+                          "InfoNCE: margin-MSE grows with the square of the margins, so 1 / variance of the scaled "
+                          "teacher margins puts it on the InfoNCE's scale (bench/distill_gpl.py); KL is already on "
+                          "it at 1")
+    teacher_temperature: float | Literal["auto"] = Field(
+        "auto", description="T_t, teacher score units per student logit (the teacher's scores are divided by it): "
+        "a reranker's log-odds margins are routinely 5-10 while cos/tau margins are a few units. auto: at setup, "
+        "std(teacher margins) / std(base student margins) over the usable pairs of a seeded sample of training "
+        "rows (train.distill.matching_teacher_temperature), logged with the other decisions")
+    infonce: bool = Field(True, description="false: train on the distillation loss alone (GPL's objective); the "
+                          "InfoNCE is still computed, without gradient, for the log and the collapse guard")
+
+    @field_validator("teacher_temperature")
+    @classmethod
+    def _positive(cls, value: float | str) -> float | str:
+        if not isinstance(value, str) and not value > 0:
+            raise ValueError("must be > 0 or auto")
+        return value
+
+
 class LossSettings(FiniteModel):
     """Embedding: Qwen3 improved InfoNCE (+ Matryoshka). Reranker: point-wise or list-wise yes/no.
 
@@ -79,6 +109,9 @@ class LossSettings(FiniteModel):
     exempt_hard_negatives_from_margin: bool = False
     matryoshka_dims: list[int] | None = None
     matryoshka_weights: list[float] | None = None
+    distill: DistillSettings | None = Field(
+        None, description="embedding task: add a reranker teacher's distillation loss (rows' teacher_scores); "
+        "null: InfoNCE only. Applies to the full-width embeddings, not to each Matryoshka width")
     reranker: Literal["pointwise", "listwise"] = "pointwise"
     listwise_temperature: float = Field(1.0, gt=0)
 
@@ -191,6 +224,8 @@ class TrainConfig(FiniteModel):
             raise ValueError(f"dataset names must be unique, got {names}")
         if self.task == "embedding" and self.loss.matryoshka_dims and any(d <= 0 for d in self.loss.matryoshka_dims):
             raise ValueError("matryoshka_dims must be positive")
+        if self.task != "embedding" and self.loss.distill is not None:
+            raise ValueError("loss.distill trains an embedder from a reranker teacher; the reranker task has none")
         return self
 
 

@@ -133,6 +133,14 @@ def kl_distill_loss(batch: EmbeddingBatch, teacher: Tensor, *, temperature: floa
 DISTILL_LOSSES = {"margin_mse": margin_mse_loss, "kl": kl_distill_loss}
 
 
+def usable_margins(batch: EmbeddingBatch, teacher: Tensor, *, temperature: float) -> tuple[Tensor, Tensor]:
+    """(teacher margins, student margins), 1-D over the usable pairs (module docstring): the
+    teacher's in its own units, the student's in logits (cos / temperature); the input of
+    `matching_teacher_temperature`."""
+    student, scores, valid = _scores(batch, teacher, temperature, 1.0)
+    return (scores[:, :1] - scores[:, 1:])[valid], (student[:, :1] - student[:, 1:])[valid]
+
+
 def matching_teacher_temperature(teacher_margins: Tensor, student_margins: Tensor) -> float:
     """T_t that gives the teacher's margins the spread of the student's: std(teacher) / std(student).
 
