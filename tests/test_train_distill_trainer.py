@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import random
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -309,3 +310,37 @@ def test_the_trainer_resolves_auto_teacher_temperature(tiny_qwen3_embedder, scor
                           loss={"distill": {"kind": "margin_mse"}}))
     assert any(line.startswith("distill teacher_temperature") for line in result.decisions)
     assert "distill_loss" in result.last_metrics and "infonce_loss" in result.last_metrics
+
+
+# --- two processes: each distils its own rows of the gathered batch ---------------------------------------
+
+
+@pytest.mark.distributed
+def test_two_processes_distil_like_one(tiny_qwen3_embedder, tmp_path):
+    """DDP on 2 CPU processes with margin-MSE on (and GradCache chunks): the loss, gradient norm and
+    weights of the one-process run on the same batches, within test_train_distributed.py's bounds. A
+    process pairing its rows with teacher scores of other rows of the global batch (scores not in the
+    gathered order) changes the loss far beyond them."""
+    from test_train_distributed import (
+        accelerate_launch,
+        assert_same_steps,
+        assert_same_weights,
+        metric_lines,
+        reference_run,
+        tensors,
+        write_recipe,
+    )
+
+    recipe = write_recipe(tmp_path, tiny_qwen3_embedder, "full", steps=2, save_steps=0)
+    write_jsonl(tmp_path / "train.jsonl", scored_rows(48))  # the recipe's data, now with teacher scores
+    recipe.write_text(recipe.read_text().replace(
+        "loss: {preset: qwen3, matryoshka_dims: [16, 64]}",
+        "loss: {preset: qwen3, matryoshka_dims: [16, 64], distill: {kind: margin_mse, teacher_temperature: 2.0}}"))
+    reference = reference_run(recipe, tmp_path / "one")
+    accelerate_launch(["--multi_gpu"], recipe, tmp_path / "two")
+    records = metric_lines(tmp_path / "one")
+    assert all(r["distill_loss"] > 0 for r in records)
+    assert_same_steps(tiny_qwen3_embedder, records, metric_lines(tmp_path / "two"))
+    assert_same_weights(tiny_qwen3_embedder, tensors(tiny_qwen3_embedder / "model.safetensors"),
+                        tensors(Path(reference.final_dir) / "model.safetensors"),
+                        tensors(tmp_path / "two" / "final" / "model.safetensors"), records)
