@@ -303,8 +303,6 @@ def test_auto_teacher_temperature_without_teacher_scores_says_so(tiny_qwen3_embe
         EmbeddingTask().resolve(cfg, Embedder.from_pretrained(tiny_qwen3_embedder), sources)
 
 
-@pytest.mark.xfail(strict=True, raises=ConfigError,
-                   reason="Trainer._resolve_defaults does not pass its sources to task.resolve yet")
 def test_the_trainer_resolves_auto_teacher_temperature(tiny_qwen3_embedder, scored_path, tmp_path):
     result = train(config(tiny_qwen3_embedder, scored_path, tmp_path / "out", max_steps=1,
                           loss={"distill": {"kind": "margin_mse"}}))

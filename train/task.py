@@ -54,8 +54,8 @@ class TrainingTask:
         """The bare backbone at `path` on the CPU (the LoRA merge and the export of sharded weights)."""
         raise NotImplementedError
 
-    def resolve(self, cfg: TrainConfig, holder) -> tuple[TrainConfig, list[str]]:
-        """Settings this task chooses from the loaded model, with one line each saying why."""
+    def resolve(self, cfg: TrainConfig, holder, sources=()) -> tuple[TrainConfig, list[str]]:
+        """Settings this task chooses from the loaded model and the training rows, with one line each saying why."""
         return cfg, []
 
     def likely_causes(self, cfg: TrainConfig, holder) -> list[str]:

@@ -156,7 +156,7 @@ class Trainer:
 
         self.cfg, self.total_steps, self.decisions = resolve(
             self.cfg, parameters=parameters, source_sizes=sizes, world=world, batches_per_epoch=batches_per_epoch)
-        self.cfg, task_decisions = self.task.resolve(self.cfg, self.holder)
+        self.cfg, task_decisions = self.task.resolve(self.cfg, self.holder, self.sources)
         self.decisions += task_decisions
         for line in self.decisions:
             logger.info("schedule: %s", line)
