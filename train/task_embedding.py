@@ -85,7 +85,8 @@ class EmbeddingTask(TrainingTask):
             else:
                 wanted, why = False, "a language model that is not an embedder yet: its EOS state ignores the text"
         spec.append_eos = wanted
-        where = f"the appended {spec.eos_token!r}" if wanted else "the last real token"
+        where = (f"the appended {spec.eos_token!r}" if wanted else
+                 "the last token of its chat turn" if spec.chat_template else "the last real token")
         return cfg.model_copy(update={"append_eos": wanted}), [*decisions, f"pooling at {where} ({why})"]
 
     def _teacher_temperature(self, cfg: TrainConfig, holder, sources: Sequence[Source],
