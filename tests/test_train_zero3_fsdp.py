@@ -234,21 +234,24 @@ def test_zero3_counts_the_whole_model(zero3_runs, tiny_qwen3_embedder):
 
 
 @pytest.mark.xfail(strict=True, reason=(
-    "accelerate 1.15 cannot run FSDP without an accelerator: AcceleratorState sets DistributedType.FSDP only "
-    "when the process type is MULTI_GPU/MLU/SDAA/MUSA/NPU/XPU/HPU/NEURON (accelerate/state.py, the branch "
-    "ending `self.distributed_type = DistributedType.FSDP`); on CPU the trainer asks for cpu=True, the type is "
-    "MULTI_CPU, and the FSDP config silently trains DDP; with fsdp_sync_module_states true "
-    "FullyShardedDataParallelPlugin.__post_init__ raises 'There are currently no available devices found'. "
-    "The trainer should refuse with one line instead (see the report's diff)"))
+    "FSDP cannot run on CPU here. torch's FSDP1 (the shipped fsdp.yaml's fsdp_version 1) refuses it: "
+    "'FSDP needs a non-CPU accelerator device' (torch/distributed/fsdp/_init_utils.py:391); torch's FSDP2 "
+    "(fully_shard) does shard on CPU with gloo, but accelerate 1.15 reaches neither: AcceleratorState sets "
+    "DistributedType.FSDP only for MULTI_GPU/MLU/SDAA/MUSA/NPU/XPU/HPU/NEURON processes (accelerate/state.py:1013), "
+    "and on CPU the trainer asks for cpu=True, so the type is MULTI_CPU and an FSDP config silently trains DDP; "
+    "with fsdp_sync_module_states true FullyShardedDataParallelPlugin.__post_init__ raises 'There are currently no "
+    "available devices found' (accelerate/utils/dataclasses.py:2015). The trainer should refuse in one line "
+    "(see the report's diff)"))
 def test_fsdp_on_cpu_is_refused_in_one_line_not_trained_as_ddp(tiny_qwen3_embedder, tmp_path):
     recipe = write_recipe(tmp_path, tiny_qwen3_embedder, "lora", steps=1, save_steps=0)
     for sync in (True, False):
         config = {**FSDP, "fsdp_config": {**FSDP["fsdp_config"], "fsdp_sync_module_states": sync}}
         path = write_config(tmp_path, f"fsdp-{sync}", config)
         code, log = Launch(path, recipe, tmp_path / f"fsdp-{sync}").finish()
+        # Both processes refuse; the launcher stops the slower one when the first exits, so its line may be missing.
         refusals = [line for line in log.splitlines() if line.startswith("embedforge train: error:")]
-        assert code != 0 and len(refusals) == 2 and all("FSDP" in line for line in refusals), log[-4000:]
-        assert not (tmp_path / f"fsdp-{sync}" / "final").exists()
+        assert code != 0 and refusals and all("FSDP" in line for line in refusals), log[-4000:]
+        assert not (tmp_path / f"fsdp-{sync}").exists()  # nothing trained, nothing written
 
 
 def test_multinode_config_is_read_by_accelerate_as_two_machines():
