@@ -32,3 +32,7 @@ class ModelLoadError(EmbedforgeError, OSError):
 
 class ConfigError(EmbedforgeError, ValueError):
     """A recipe or configuration value is unknown, mistyped or inconsistent."""
+
+
+class PushError(EmbedforgeError):
+    """A Hub push that failed after the export was written: the folder stands, the push can be rerun."""

@@ -231,7 +231,7 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
     tmp = Path(tempfile.mkdtemp(prefix=temp_prefix(final), suffix=".tmp", dir=final.parent))
     os.chmod(tmp, 0o755)  # mkdtemp makes owner-only folders; outputs are meant to be shared
     try:
-        with disk_errors(final):
+        with disk_errors(final, staging=tmp):
             yield tmp
             if final.exists():
                 old = final.with_name(f"{temp_prefix(final)}old.tmp")
@@ -247,17 +247,30 @@ def atomic_dir(path: str | os.PathLike, *, overwrite: bool = False) -> Iterator[
 
 
 @contextlib.contextmanager
-def disk_errors(target: str | os.PathLike) -> Iterator[None]:
-    """A full disk or a read-only target becomes one line naming what was being written."""
+def disk_errors(target: str | os.PathLike, *, staging: Path | None = None) -> Iterator[None]:
+    """A full disk or a read-only target becomes one line naming what was being written: the output,
+    never the temporary (`staging`) it was being built in, which is gone by the time the user reads it."""
     try:
         yield
+    except DiskError as exc:
+        if staging is not None and exc.path and Path(exc.path).is_relative_to(staging):
+            raise DiskError(exc.reason, path=str(target)) from None
+        raise
     except OSError as exc:
         if exc.errno in (errno.ENOSPC, errno.EDQUOT):
-            raise InputError("no space left on the device while writing; free space and rerun to resume",
-                             path=str(target)) from None
+            raise DiskError("no space left on the device while writing; free space and rerun to resume",
+                            path=str(target)) from None
         if exc.errno in (errno.EACCES, errno.EROFS, errno.EPERM):
-            raise InputError(f"cannot write here ({exc.strerror})", path=str(target)) from None
+            raise DiskError(f"cannot write here ({exc.strerror})", path=str(target)) from None
         raise
+
+
+class DiskError(InputError):
+    """A full disk or an unwritable target; `reason` is the message without the path."""
+
+    def __init__(self, reason: str, *, path: str):
+        self.reason = reason
+        super().__init__(reason, path=path)
 
 
 def check_output(output: str | os.PathLike, inputs: Iterable[str | os.PathLike | None] = (), *,

@@ -166,8 +166,23 @@ def _load(auto_cls, source: str, *, dtype, device, attn_implementation, trust_re
             **kwargs,
         )
     except (OSError, ValueError, SafetensorError) as exc:
-        raise ModelLoadError(f"{source}: cannot load model ({_first_line(exc)})") from None
+        where = damaged_weights(source) if os.path.isdir(source) else None
+        raise ModelLoadError(f"{where or source}: cannot load model ({_first_line(exc)})") from None
     return model.to(device)
+
+
+def damaged_weights(source: str | os.PathLike) -> str | None:
+    """The first `*.safetensors` file of `source` whose header or length does not hold up, or None:
+    with sharded weights the user must know which file to replace."""
+    from safetensors import safe_open
+
+    for path in sorted(Path(source).glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="pt"):
+                pass
+        except (SafetensorError, OSError):
+            return str(path)
+    return None
 
 
 def _load_with_adapter(auto_cls, name_or_path, *, dtype, device, attn_implementation, trust_remote_code, **kwargs):

@@ -12,7 +12,7 @@ import os
 import re
 from pathlib import Path
 
-from embedforge.errors import ConfigError, InputError
+from embedforge.errors import ConfigError, InputError, PushError
 
 logger = logging.getLogger(__name__)
 
@@ -60,17 +60,31 @@ def push_folder(
         raise InputError("not a finished export (README.md and config.json expected)", path=str(folder))
     check_repo_id(repo_id)
     api = HfApi(token=resolve_token(token))
-    api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
-    if revision:
-        api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
-    logger.info("uploading %d files from %s to %s%s", len(files_to_upload(folder)), folder, repo_id,
-                f"@{revision}" if revision else "")
-    commit = api.upload_folder(
-        repo_id=repo_id,
-        folder_path=str(folder),
-        repo_type="model",
-        revision=revision,
-        commit_message=commit_message,
-        ignore_patterns=[".*", "**/.*"],
-    )
+    try:
+        api.create_repo(repo_id, private=private, repo_type="model", exist_ok=True)
+        if revision:
+            api.create_branch(repo_id, branch=revision, repo_type="model", exist_ok=True)
+        logger.info("uploading %d files from %s to %s%s", len(files_to_upload(folder)), folder, repo_id,
+                    f"@{revision}" if revision else "")
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            revision=revision,
+            commit_message=commit_message,
+            ignore_patterns=[".*", "**/.*"],
+        )
+    except Exception as exc:
+        if not _network_or_http(exc):
+            raise
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise PushError(f"push to {repo_id} failed ({type(exc).__name__}: {first}); the export in {folder} is "
+                        f"complete: rerun the push with `hf upload {repo_id} {folder}`") from exc
     return str(getattr(commit, "commit_url", commit))
+
+
+def _network_or_http(exc: BaseException) -> bool:
+    """Refused, reset or timed-out connections and HTTP error statuses, whichever HTTP client
+    huggingface_hub uses (requests, httpx or httpx2): the push can be retried, the export stands."""
+    modules = {c.__module__.split(".")[0] for c in type(exc).__mro__}
+    return isinstance(exc, OSError) or bool(modules & {"httpx", "httpx2", "requests", "urllib3", "huggingface_hub"})

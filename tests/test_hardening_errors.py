@@ -142,7 +142,7 @@ def test_truncated_safetensors_in_embed_is_one_line(which, tiny_qwen3_embedder, 
     texts.write_text('{"text": "hello"}\n')
     assert main(["embed", "--model", str(model), "--input", str(texts), "--output", str(tmp_path / "v.npy")]) == 2
     line = last_line(capsys.readouterr().err)
-    assert line.startswith(f"embedforge embed: error: {model}: cannot load model (") and len(line) < 300, line
+    assert line.startswith(f"embedforge embed: error: {model / 'model.safetensors'}: cannot load model (") and len(line) < 300, line
     assert not (tmp_path / "v.npy").exists()
 
 
