@@ -162,15 +162,12 @@ def zero3_runs(tiny_qwen3_embedder, tmp_path_factory):
     return runs
 
 
-DEADLOCK = ("at the final export (LoRA) or the first checkpoint (full: checkpoint_model), the main process alone "
-            "loads a backbone with from_pretrained while accelerate has registered the ZeRO-3 config with "
-            "transformers (DeepSpeedPlugin.set_deepspeed_weakref, whatever zero3_init_flag says), so transformers "
-            "builds it under deepspeed.zero.Init, whose parameter broadcast is a collective the other process never "
-            "joins (Trainer._write_model -> load_backbone; see the report's diff)")
+# Writing a model under ZeRO-3 once deadlocked: the main process alone loaded a backbone while transformers
+# built it under deepspeed.zero.Init (a collective); the trainer now loads it outside that context.
 
 
 @pytest.mark.parametrize("method", [
-    "lora", pytest.param("full", marks=pytest.mark.xfail(strict=True, reason=DEADLOCK))])
+    "lora", "full"])
 def test_zero3_trains_the_one_process_steps(zero3_runs, method):
     """Every step's tokens, loss and gradient norm equal the one-process run's: the ZeRO-3 engine
     under GradCache (each chunk but the last a non-boundary micro-step) runs one optimizer step per
@@ -183,7 +180,6 @@ def test_zero3_trains_the_one_process_steps(zero3_runs, method):
     assert (run.out / f"checkpoint-{SAVE_STEPS}" / "pytorch_model").is_dir()  # DeepSpeed's own sharded format
 
 
-@pytest.mark.xfail(strict=True, reason=DEADLOCK)
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_zero3_final_weights_load_as_a_normal_model_equal_to_one_process(zero3_runs, method):
     """The gathered final model loads as a plain Embedder whose every tensor has the base's shape (a
@@ -200,7 +196,6 @@ def test_zero3_final_weights_load_as_a_normal_model_equal_to_one_process(zero3_r
     assert_trained_like_one_process(run, run.out)
 
 
-@pytest.mark.xfail(strict=True, reason=DEADLOCK)
 @pytest.mark.parametrize("method", ["lora", "full"])
 def test_zero3_resumes_from_its_checkpoint_to_the_one_process_weights(zero3_runs, method):
     run = zero3_runs[method]
@@ -222,10 +217,7 @@ def assert_trained_like_one_process(run: Zero3Run, out: Path) -> None:
                             tensors(out / "final" / "model.safetensors"), run.records)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "ZeRO-3 partitions the weights at load (transformers' from_pretrained under deepspeed.zero.Init), so "
-    "p.numel() is 0 for every partitioned weight and the trainer's parameter count (the log line and "
-    "_resolve_defaults' `parameters`) sees only the LoRA layers peft added afterwards; ds_numel holds the size"))
+# ZeRO-3 partitions the weights at load, so p.numel() is 0 for a partitioned weight: the trainer counts ds_numel.
 def test_zero3_counts_the_whole_model(zero3_runs, tiny_qwen3_embedder):
     run = zero3_runs["lora"]
     total = sum(t.numel() for t in tensors(tiny_qwen3_embedder / "model.safetensors").values())
@@ -233,15 +225,10 @@ def test_zero3_counts_the_whole_model(zero3_runs, tiny_qwen3_embedder):
     assert f"{trainable} of {total + trainable} parameters trainable" in run.log, run.summary(run.log)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "FSDP cannot run on CPU here. torch's FSDP1 (the shipped fsdp.yaml's fsdp_version 1) refuses it: "
-    "'FSDP needs a non-CPU accelerator device' (torch/distributed/fsdp/_init_utils.py:391); torch's FSDP2 "
-    "(fully_shard) does shard on CPU with gloo, but accelerate 1.15 reaches neither: AcceleratorState sets "
-    "DistributedType.FSDP only for MULTI_GPU/MLU/SDAA/MUSA/NPU/XPU/HPU/NEURON processes (accelerate/state.py:1013), "
-    "and on CPU the trainer asks for cpu=True, so the type is MULTI_CPU and an FSDP config silently trains DDP; "
-    "with fsdp_sync_module_states true FullyShardedDataParallelPlugin.__post_init__ raises 'There are currently no "
-    "available devices found' (accelerate/utils/dataclasses.py:2015). The trainer should refuse in one line "
-    "(see the report's diff)"))
+# FSDP cannot run on CPU: torch's FSDP1 refuses it ('FSDP needs a non-CPU accelerator device',
+# torch/distributed/fsdp/_init_utils.py); torch's FSDP2 shards on CPU with gloo, but accelerate 1.15 selects FSDP
+# only for accelerator processes (accelerate/state.py), so on CPU an FSDP config would silently train DDP.
+# The trainer refuses it in one line instead.
 def test_fsdp_on_cpu_is_refused_in_one_line_not_trained_as_ddp(tiny_qwen3_embedder, tmp_path):
     recipe = write_recipe(tmp_path, tiny_qwen3_embedder, "lora", steps=1, save_steps=0)
     for sync in (True, False):

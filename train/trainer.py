@@ -126,6 +126,10 @@ class Trainer:
         handlers = [DistributedDataParallelKwargs(find_unused_parameters=False)]
         cpu = False
         if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.accelerator.is_available():
+            if os.environ.get("ACCELERATE_USE_FSDP", "false").lower() == "true":
+                # accelerate selects FSDP only on an accelerator (state.py); on CPU it would train DDP.
+                raise ConfigError("FSDP needs a GPU or another accelerator (accelerate runs an FSDP config on CPU as "
+                                  "plain DDP); on CPU launch with --multi_gpu (DDP) or a DeepSpeed config")
             # Several processes without a GPU (tests, CPU clusters): accelerate sets up gloo only when
             # told `cpu=True` (DDP), or given the backend (DeepSpeed, which ignores `cpu`); otherwise
             # every process would silently train alone on the full batch.
@@ -148,7 +152,7 @@ class Trainer:
         settings) and log why."""
         from embedforge.train.defaults import resolve
 
-        parameters = sum(p.numel() for p in self.holder.model.parameters())
+        parameters = sum(_numel(p) for p in self.holder.model.parameters())
         sizes = {source.name: len(source) for source in self.sources}
 
         def batches_per_epoch(batch_size: int) -> int:
@@ -227,7 +231,7 @@ class Trainer:
         self.weights_path = getattr(self.holder.model.config, "_name_or_path", "") or cfg.model
         module = self._make_trainable(self.holder.model)
         params = [p for p in module.parameters() if p.requires_grad]
-        trainable, total = sum(p.numel() for p in params), sum(p.numel() for p in module.parameters())
+        trainable, total = sum(_numel(p) for p in params), sum(_numel(p) for p in module.parameters())
         logger.info("%s: %s fine-tuning, %d of %d parameters trainable (%.2f%%)", cfg.model, cfg.method, trainable,
                     total, 100 * trainable / max(total, 1))
         optimizer = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
@@ -565,7 +569,29 @@ class Trainer:
         """Gathered weights when they are sharded (FSDP, ZeRO-3; every process must call), else None."""
         return self.accelerator.get_state_dict(self.model) if self.sharded else None
 
+    @contextlib.contextmanager
+    def _plain_loading(self) -> Iterator[None]:
+        """transformers builds every model under deepspeed.zero.Init (a collective) while accelerate has a
+        ZeRO-3 config registered, whatever zero3_init_flag says; the export loads one on the main process
+        alone, which would wait forever for the others."""
+        from accelerate.utils import DistributedType
+
+        if self.accelerator.distributed_type != DistributedType.DEEPSPEED:
+            yield
+            return
+        from transformers.integrations import unset_hf_deepspeed_config
+
+        unset_hf_deepspeed_config()
+        try:
+            yield
+        finally:
+            self.accelerator.state.deepspeed_plugin.set_deepspeed_weakref()
+
     def _write_model(self, folder: Path, state_dict, merge: bool) -> None:
+        with self._plain_loading():
+            self._write_model_files(folder, state_dict, merge)
+
+    def _write_model_files(self, folder: Path, state_dict, merge: bool) -> None:
         cfg = self.cfg
         unwrapped = self.accelerator.unwrap_model(self.model)
         if cfg.method == "lora":
@@ -588,6 +614,11 @@ class Trainer:
         peft_model.save_pretrained(adapter_dir, state_dict=state_dict, safe_serialization=True)
         self.tokenizer.save_pretrained(adapter_dir)
         self.task.save_adapter_extras(self.holder, adapter_dir)
+
+
+def _numel(param: torch.nn.Parameter) -> int:
+    """A parameter's size, also when ZeRO-3 has partitioned it (its data is then an empty placeholder)."""
+    return getattr(param, "ds_numel", None) or param.numel()
 
 
 def _append_line(path: Path, record: dict[str, Any]) -> None:
