@@ -136,6 +136,13 @@ def export(config: ExportConfig) -> ExportOutcome:
     The folder holds the serving files, `export_report.json` (every gate check), `provenance.json`
     (the model's trail plus this export) and `README.md`, the model card rendered from that trail.
     """
+    from embedforge.io import output_lock
+
+    with output_lock(config.output):  # one writer per output: a second export into it is refused
+        return _export(config)
+
+
+def _export(config: ExportConfig) -> ExportOutcome:
     from embedforge.export import gate, model_card
     from embedforge.io import publishable
     from embedforge.provenance import read_provenance, write_provenance

@@ -19,7 +19,7 @@ import torch
 from pydantic import Field
 
 from embedforge.errors import InputError
-from embedforge.io import atomic_dir, publishable, write_json
+from embedforge.io import atomic_dir, output_lock, publishable, write_json
 from embedforge.merge import methods
 from embedforge.merge.config import MergeConfig
 from embedforge.merge.diagnostics import CosineTracker
@@ -117,6 +117,13 @@ def merge(config: MergeConfig, on_tensor: Callable[[str], None] | None = None) -
         >>> outcome = merge(MergeConfig(models=["ckpt-1000", "ckpt-2000"], base="base", t=0.5, output="merged"))
         >>> outcome.cosines["parallel_fraction"]  # share of parameters where slerp was just lerp
     """
+    if config.output is None or config.dry_run:
+        return _merge(config, on_tensor)
+    with output_lock(config.output):  # one writer per output: a second merge into it is refused
+        return _merge(config, on_tensor)
+
+
+def _merge(config: MergeConfig, on_tensor: Callable[[str], None] | None) -> MergeOutcome:
     config.check_ready()
     started = time.perf_counter()
     output = Path(config.output) if config.output is not None else None

@@ -74,6 +74,9 @@ WRITERS = {
                         "--output", str(t / "N")], t / "N" / "mined-00000-of-00001.jsonl"),
     "eval": lambda t: (["eval", "--model", str(t / "m"), "--data", str(BEIR), "--output", str(t / "r.json")],
                        t / "r.json"),
+    "merge": lambda t: (["merge", "--models", str(t / "m"), str(t / "m"), "--t", "0.5", "--output", str(t / "M")],
+                        t / "M"),
+    "export": lambda t: (["export", "--model", str(t / "m"), "--output", str(t / "E")], t / "E"),
 }
 
 
