@@ -296,26 +296,41 @@ def check_output(output: str | os.PathLike, inputs: Iterable[str | os.PathLike |
 def output_lock(output: str | os.PathLike) -> Iterator[Path]:
     """Hold an advisory lock on `output` for the whole command; a second writer is refused.
 
-    The lock file `.NAME.lock` beside the output records the holder's PID and host. The lock is
-    an `fcntl.flock`, which the kernel releases when the holder dies, so a lock left by a killed
-    process is never in the way."""
+    The lock file `.NAME.lock` beside the output records the holder's PID and host, and is removed
+    when the command ends. The lock is an `fcntl.flock`, which the kernel releases when the holder
+    dies, so a lock left by a killed process is never in the way; a writer that opened a lock file
+    its previous holder was removing locks the current file instead (the inode check)."""
     import fcntl
 
     final = Path(output)
     final.parent.mkdir(parents=True, exist_ok=True)
     lock = final.parent / f".{final.name}.lock"
-    with open(lock, "a+", encoding="utf-8") as fh:
+    while True:
+        fh = open(lock, "a+", encoding="utf-8")  # noqa: SIM115 - held open for the whole command
         try:
             fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
+            fh.close()
             raise ConfigError(f"{final}: in use by {holder}; wait for it to finish or choose another output") from None
+        try:
+            current = os.fstat(fh.fileno()).st_ino == os.stat(lock).st_ino
+        except FileNotFoundError:
+            current = False
+        if current:
+            break
+        fh.close()
+    try:
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
         fh.flush()
         yield lock
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(lock)  # while still holding it: a waiting writer then finds the file gone and retries
+        fh.close()
 
 
 def publishable(folder: str | os.PathLike) -> None:

@@ -15,6 +15,7 @@ from typing import Any
 from pydantic import Field
 
 from embedforge import __version__
+from embedforge.errors import InputError
 from embedforge.export.config import ExportConfig
 from embedforge.io import atomic_dir, write_json
 from embedforge.outcome import StageOutcome
@@ -138,6 +139,14 @@ def export(config: ExportConfig) -> ExportOutcome:
     """
     from embedforge.io import output_lock
 
+    config.check_ready()
+    if Path(config.output).exists() and not config.overwrite:  # refused before anything is written
+        raise InputError("output folder exists; pass --overwrite to replace it", path=str(config.output))
+    if config.push_to_hub:
+        from embedforge.export.hub import check_repo_id, resolve_token
+
+        check_repo_id(config.push_to_hub)
+        resolve_token()  # fail before the export's work, not after
     with output_lock(config.output):  # one writer per output: a second export into it is refused
         return _export(config)
 
