@@ -4,8 +4,8 @@ For each corpus with real human-written queries (`builtin:python-docstrings`: do
 `module.name` + body; `builtin:debian-packages`: package synopsis -> extended description), the
 same loop runs with two sources of training queries, everything else equal:
 
-  * llm:    SmolLM2-135M-Instruct writes queries for every passage of the corpus adapted to,
-            `--passages` passages spread over the built-in corpus (`synthesize`);
+  * llm:    SmolLM2-135M-Instruct writes queries for `--passages` passages spread over the
+            built-in corpus (`synthesize`), the generator budget of the demo;
   * pseudo: a non-LLM baseline, each passage's first sentence as its query (the classic
             pseudo-query of unsupervised domain adaptation);
 
@@ -52,23 +52,28 @@ def first_sentence(passage: str, max_words: int = 30) -> str:
 
 
 def prepare(name: str, workdir: Path, passages: int) -> dict[str, str]:
-    """The corpus to adapt to: `passages` passages spread over the built-in corpus, every one of which
-    gets training queries (as GPL does for its target corpus), with the real queries of those passages
-    (`real`); and the whole corpus's real queries (`real-all`), the general-ability set for the other run."""
+    """The corpus to adapt to is the whole built-in corpus (negatives are mined from all of it); the
+    generator's budget covers `passages` passages spread over it, as in the demo. In-domain set
+    (`real`): the real queries of those passages, searched over the WHOLE corpus; general-ability set
+    (`real-all`): every real query of the corpus, used for the other corpus's run."""
     from embedforge.builtin_data import load_builtin_corpus
-    from embedforge.eval.beir import write_beir
+    from embedforge.eval.beir import BeirData, write_beir
     from embedforge.io import write_jsonl
 
     corpus = load_builtin_corpus(name)
-    adapted = corpus.sample(passages)
+    covered = corpus.sample(passages)
+    real = corpus.real_queries
+    qrels = {q: docs for q, docs in covered.real_queries.qrels.items()}
     folder = workdir / name
     folder.mkdir(parents=True, exist_ok=True)
-    write_jsonl(folder / "passages.jsonl", ({"id": k, "text": v} for k, v in adapted.passages.items()))
-    write_beir(folder / "real", adapted.real_queries, overwrite=True)
-    write_beir(folder / "real-all", corpus.real_queries, overwrite=True)
-    return {"passages": str(folder / "passages.jsonl"), "generator": str(folder / "passages.jsonl"),
+    write_jsonl(folder / "passages.jsonl", ({"id": k, "text": v} for k, v in corpus.passages.items()))
+    write_jsonl(folder / "generator.jsonl", ({"id": k, "text": v} for k, v in covered.passages.items()))
+    write_beir(folder / "real", BeirData({q: real.queries[q] for q in qrels}, real.corpus, qrels,
+                                         source=real.source), overwrite=True)
+    write_beir(folder / "real-all", real, overwrite=True)
+    return {"passages": str(folder / "passages.jsonl"), "generator": str(folder / "generator.jsonl"),
             "real": str(folder / "real"), "real-all": str(folder / "real-all"), "folder": str(folder),
-            "size": str(len(adapted.passages)), "full_size": str(len(corpus.passages))}
+            "size": str(len(covered.passages)), "full_size": str(len(corpus.passages))}
 
 
 def pseudo_pairs(generator_passages: str, output: Path) -> str:
@@ -153,9 +158,9 @@ def markdown(report: dict) -> str:
         "# Domain adaptation on real queries: LLM synthesis vs a non-LLM pseudo-query baseline",
         "",
         (f"Device: {report['device']}; torch {report['torch']}, {report['threads']} thread(s). Backbone "
-        f"{report['model_name']}; generator SmolLM2-135M-Instruct. The corpus adapted to: {report['passages']} "
-        "passages spread over each built-in corpus, every one given training queries (as GPL does for its target "
-        "corpus); in-domain set: those passages' real queries over them; general ability: the other corpus whole; "
+        f"{report['model_name']}; generator SmolLM2-135M-Instruct. Each corpus is adapted to as a whole; the "
+        f"generator's budget covers {report['passages']} passages spread over it (as in the demo), negatives mined from the whole corpus; in-domain set: those passages' real queries searched over "
+        "the WHOLE corpus; general ability: the other corpus whole; "
         f"batch {report['batch_size']}, {report['negatives']} mined negative(s), merge t "
         f"{report['merge_t']}. Queries are REAL (written by people), never shown to the pipeline. Each score: "
         "nDCG@10 x 100 [95% bootstrap CI]; Δ: paired difference with the base on the same queries [95% CI], "
