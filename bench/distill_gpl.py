@@ -15,9 +15,9 @@ summary, written by its author and never shown to the pipeline):
   5. base and every arm are evaluated on the real queries (nDCG@10, 95% bootstrap CI, paired
      randomisation test against the base and against the InfoNCE-only arm, random-ranking baseline).
 
-The training loop lives here because embedforge's trainer does not read `teacher_scores` yet; it
-reproduces the trainer's defaults for a small encoder (full fine-tuning, AdamW lr 5e-5, linear schedule
-with 10% warmup, gradient clipping 1.0, InfoNCE terms hard + qd at tau 0.05 with duplicate masking).
+Every arm is `embedforge.train.train` with the trainer's defaults for a small encoder (full fine-tuning,
+AdamW, linear schedule with 10% warmup, gradient clipping, loss preset `infonce`: hard + in-batch q->d at
+tau 0.05) and the arm's `loss.distill` (kind, weight, teacher temperature, InfoNCE on or off).
 
 Choices made without looking at the real queries: the teacher template (SmolLM2 has no `<think>`
 token, so the ChatML template without the Qwen3 think block, see data_synth/teacher.py; the pair
@@ -170,76 +170,35 @@ def real_query_diagnostic(args, real: str, n: int = 100) -> dict:
             "base_pair_accuracy": base_wins / len(query_ids)}
 
 
-# --- the training loop -----------------------------------------------------------------------------
-
-
-def batches(n: int, size: int, steps: int, seed: int):
-    """`steps` full batches of row indices; each epoch is a fresh seeded permutation."""
-    rng = np.random.default_rng(seed)
-    pool: list[int] = []
-    for _ in range(steps):
-        while len(pool) < size:
-            pool += rng.permutation(n).tolist()
-        yield pool[:size]
-        pool = pool[size:]
+# --- training: embedforge's trainer, one config per arm -------------------------------------------
 
 
 def train_arm(name: str, rows: list[dict], args, folder: Path, distill: str | None, infonce: bool,
               teacher_temperature: float, mse_weight: float) -> dict:
-    from transformers import get_scheduler
+    """`embedforge.train.train` on the mined rows; arms differ only in `loss.distill`."""
+    from embedforge.train import TrainConfig, train
 
-    from embedforge import Embedder
-    from embedforge.train.distill import DISTILL_LOSSES
-    from embedforge.train.losses import EmbeddingBatch, Qwen3InfoNCEConfig, qwen3_infonce, text_hashes
-
-    torch.manual_seed(args.seed)  # same initial dropout stream in every arm
-    embedder = Embedder.from_pretrained(args.model, dtype="float32")
-    model = embedder.model
-    model.train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.0)
-    scheduler = get_scheduler("linear", optimizer, num_warmup_steps=int(0.1 * args.steps),
-                              num_training_steps=args.steps)
-    cfg = Qwen3InfoNCEConfig(temperature=args.tau, use_hard_negatives=True, use_qq=False, use_dd=False, use_qd=True,
-                             margin=None, mask_duplicates=True)
     weight = {"margin_mse": mse_weight, "kl": 1.0, None: 0.0}[distill]
-    docs, mask, teacher = row_tensors(rows, args.negatives)
-    k = args.negatives
-    log, began = [], time.time()
-    for step, idx in enumerate(batches(len(rows), args.batch_size, args.steps, args.seed)):
-        n = len(idx)
-        queries = [rows[i]["query"] for i in idx]
-        texts = queries + [t for i in idx for t in docs[i]]
-        e = embedder.embed(embedder.tokenize([t or "." for t in texts], max_length=args.max_length))
-        doc_e = e[n:].view(n, 1 + k, -1)
-        ids = text_hashes(texts)
-        batch = EmbeddingBatch(q=e[:n], d_pos=doc_e[:, 0], d_neg=doc_e[:, 1:], neg_mask=mask[idx],
-                               q_ids=ids[:n], pos_ids=ids[n:].view(n, 1 + k)[:, 0],
-                               neg_ids=ids[n:].view(n, 1 + k)[:, 1:])
-        loss, record = torch.zeros(()), {"step": step + 1}
-        if infonce:
-            out = qwen3_infonce(batch, cfg)
-            loss = loss + out.loss
-            record.update(infonce=float(out.loss.detach()), pos_sim=float(out.stats["pos_sim"]),
-                          neg_sim=float(out.stats["neg_sim"]))
-        if distill:
-            out = DISTILL_LOSSES[distill](batch, teacher[idx], temperature=args.tau,
-                                          teacher_temperature=teacher_temperature)
-            loss = loss + weight * out.loss
-            record.update({"distill": float(out.loss.detach()), **{key: float(v) for key, v in out.stats.items()}})
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
-        record["loss"] = float(loss.detach())
-        log.append(record)
-        if (step + 1) % 10 == 0 or step == 0:
-            print(f"[{name}] step {step + 1}/{args.steps} " + " ".join(
-                f"{key}={value:.4f}" for key, value in record.items() if key != "step"), flush=True)
-    model.eval()
-    embedder.save_pretrained(folder)
-    return {"seconds": round(time.time() - began, 1), "first": log[0], "last": log[-1],
-            "distill_weight": weight}
+    loss: dict = {"preset": "infonce", "temperature": args.tau}
+    if distill:
+        loss["distill"] = {"kind": distill, "weight": weight, "teacher_temperature": teacher_temperature,
+                           "infonce": infonce}
+    config = TrainConfig.model_validate({
+        "model": args.model, "method": "full", "lr": args.lr, "output_dir": str(folder), "progress_bar": False,
+        "data": [{"path": "mined", "num_negatives": args.negatives, "instruction": None}],
+        "batch_size": args.batch_size, "max_length": args.max_length, "max_steps": args.steps, "save_steps": 0,
+        "seed": args.seed, "logging_steps": 1, "loss": loss,
+    })
+    began = time.time()
+    result = train(config, inline_data={"mined": rows})
+    log = [json.loads(line) for line in (folder / "metrics.jsonl").read_text().splitlines()]
+    keep = ("loss", "infonce_loss", "distill_loss", "pos_sim", "neg_sim", "distill_margin_agreement",
+            "distill_top1_agreement")
+    print(f"[{name}] {result.steps} steps: " + " ".join(
+        f"{key} {log[0][key]:.4f}->{log[-1][key]:.4f}" for key in keep if key in log[0]), flush=True)
+    return {"seconds": round(time.time() - began, 1), "first": {k: log[0][k] for k in keep if k in log[0]},
+            "last": {k: log[-1][k] for k in keep if k in log[-1]}, "distill_weight": weight,
+            "final": result.final_dir, "warnings": result.warnings}
 
 
 # --- evaluation ------------------------------------------------------------------------------------
@@ -355,7 +314,7 @@ def markdown(report: dict) -> str:
     lines += ["", "Training (first -> last step):", "", "| arm | loss | distill stats | s |", "|---|---|---|---|"]
     for name, arm in report["arms"].items():
         stats = ", ".join(f"{k} {arm['first'][k]:.3f} -> {arm['last'][k]:.3f}" for k in
-                          ("margin_agreement", "top1_agreement", "pos_sim", "neg_sim") if k in arm["first"])
+                          ("distill_margin_agreement", "distill_top1_agreement", "pos_sim", "neg_sim") if k in arm["first"])
         lines.append(f"| {name} | {arm['first']['loss']:.3f} -> {arm['last']['loss']:.3f} | {stats} | "
                      f"{arm['seconds']:.0f} |")
     lines += ["", report["verdict"], ""]
@@ -428,15 +387,16 @@ def main() -> int:
     models = {"base": str(base)}
     arms = {}
     for name, (infonce, distill) in ARMS.items():
-        folder = workdir / "arms" / name.split()[0]
-        arms[name] = train_arm(name, rows, args, folder, distill, infonce, t_t, mse_weight)
-        models[name] = str(folder)
-    results = evaluate_models(models, data["real"], workdir, args)
+        arms[name] = train_arm(name, rows, args, workdir / "arms" / name.split()[0], distill, infonce, t_t,
+                               mse_weight)
+        models[name] = arms[name].pop("final")
+    # every real query of the corpus over all of it: `seen` (the generator's passages) and `unseen` subsets
+    results = evaluate_models(models, data["real-all"], workdir, args)
     seen = {row["id"] for _, row in iter_jsonl(data["generator"])}
     report = {
         "device": f"CPU {platform.processor() or platform.machine()}", "torch": torch.__version__,
         "threads": torch.get_num_threads(), "model_name": args.model, "teacher_name": args.teacher,
-        "corpus_size": int(data["size"]), "passages": args.passages, "steps": args.steps,
+        "corpus_size": int(data["full_size"]), "passages": args.passages, "steps": args.steps,
         "batch_size": args.batch_size, "negatives": args.negatives, "lr": args.lr, "tau": args.tau,
         "seed": args.seed, "data": made, "teacher": teacher_report, "arms": arms, "rows": results,
         "subsets": subset_rows(results, seen), "verdict": verdict(results),

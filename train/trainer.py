@@ -40,6 +40,7 @@ from embedforge.outcome import StageOutcome
 from embedforge.train import checkpoint as ckpt
 from embedforge.train.config import TrainConfig
 from embedforge.train.health import CollapseGuard
+from embedforge.train.memory import memory_record
 from embedforge.train.sampler import Batch, MixingSampler
 from embedforge.train.sources import load_sources
 from embedforge.train.task import make_task
@@ -507,6 +508,7 @@ class Trainer:
         if grad_norm is not None:
             record["grad_norm"] = float(grad_norm)
         record.update({k: float(v) for k, v in stats.items()})
+        record.update(memory_record(acc.device))
         if acc.is_main_process:
             _append_line(self.output_dir / METRICS_FILE, record)
         if any(t in self.cfg.report_to for t in ("wandb", "tensorboard")):
