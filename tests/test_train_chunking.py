@@ -4,12 +4,18 @@ activation estimate the default budget rests on bounds what autograd really keep
 
 from __future__ import annotations
 
+import itertools
 import random
 
 import pytest
 import torch
 
-from embedforge.train.chunking import activation_bytes_per_token, plan_chunks
+from embedforge.train.chunking import (
+    activation_bytes_per_token,
+    padded_positions,
+    plan_chunks,
+    plan_padded_chunks,
+)
 
 
 @pytest.mark.parametrize("max_tokens,max_texts", [(64, None), (200, 5), (None, 3), (10, None)])
@@ -32,6 +38,50 @@ def test_chunks_respect_the_budget_keep_the_order_and_are_greedy(max_tokens, max
             grown = chunk + chunks[k + 1][:1]
             assert (max_tokens is not None and cost(grown) > max_tokens) or (
                 max_texts is not None and len(grown) > max_texts)
+
+
+def brute_force_best(order, lengths, forward_cost):
+    """The least padded positions + forward costs over EVERY split of `order` into consecutive runs."""
+    best = None
+    for mask in itertools.product([False, True], repeat=len(order) - 1):
+        chunks, current = [], [order[0]]
+        for cut, i in zip(mask, order[1:]):
+            if cut:
+                chunks.append(current)
+                current = []
+            current.append(i)
+        chunks.append(current)
+        cost = padded_positions(chunks, lengths) + forward_cost * len(chunks)
+        best = cost if best is None else min(best, cost)
+    return best
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_padded_chunks_are_the_cheapest_split(seed):
+    rng = random.Random(seed)
+    lengths = [rng.choice([rng.randint(2, 12), rng.randint(40, 300)]) for _ in range(11)]
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    forward_cost = rng.choice([0, 16, 256])
+    chunks = plan_padded_chunks(order, lengths, None, None, forward_cost=forward_cost)
+    assert [i for c in chunks for i in c] == order
+    assert padded_positions(chunks, lengths) + forward_cost * len(chunks) == brute_force_best(order, lengths,
+                                                                                             forward_cost)
+
+
+def test_padded_chunks_keep_the_budget_and_save_the_long_tail():
+    rng = random.Random(0)
+    lengths = [rng.randint(3, 20) for _ in range(60)] + [rng.randint(200, 512) for _ in range(4)]
+    order = sorted(range(len(lengths)), key=lambda i: (lengths[i], i))
+    for max_tokens, max_texts in ((None, None), (600, None), (None, 7), (1000, 9)):
+        chunks = plan_padded_chunks(order, lengths, max_tokens, max_texts)
+        assert [i for c in chunks for i in c] == order
+        for chunk in chunks:
+            assert max_texts is None or len(chunk) <= max_texts
+            assert max_tokens is None or len(chunk) == 1 or padded_positions([chunk], lengths) <= max_tokens
+    one = padded_positions([order], lengths)
+    assert padded_positions(plan_padded_chunks(order, lengths, None, None), lengths) < one / 4
+    with pytest.raises(ValueError, match="sorted"):
+        plan_padded_chunks(order[::-1], lengths, None, None)
 
 
 def saved_activation_bytes(model: torch.nn.Module, features: dict[str, torch.Tensor]) -> int:

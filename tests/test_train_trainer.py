@@ -97,30 +97,43 @@ def first_step_gradients(cfg: TrainConfig) -> tuple[float, dict[str, torch.Tenso
 def test_chunking_checkpointing_and_packing_give_the_plain_gradients(tiny_qwen3_embedder, data_path, tmp_path,
                                                                       monkeypatch):
     import embedforge.embedder
+    import embedforge.train.chunking
     import embedforge.train.gradcache
 
-    packed, chunked = [], []
+    packed, chunked, planned = [], [], []
     real_pack, real_gradcache = embedforge.embedder.pack, embedforge.train.gradcache.gradcache_step
+    real_plan = embedforge.train.chunking.plan_padded_chunks
     monkeypatch.setattr(embedforge.embedder, "pack", lambda *a, **k: packed.append(1) or real_pack(*a, **k))
     monkeypatch.setattr(embedforge.train.gradcache, "gradcache_step",
                         lambda *a, **k: chunked.append(1) or real_gradcache(*a, **k))
+    monkeypatch.setattr(embedforge.train.chunking, "plan_padded_chunks",
+                        lambda *a, **k: planned.append(real_plan(*a, **k)) or planned[-1])
+    # The reference: the whole batch in ONE padded forward (no forward is worth cutting off).
+    monkeypatch.setattr(embedforge.train.chunking, "FORWARD_COST", 10**9)
     base = {"method": "lora", "lora": {"rank": 4}, "loss": {"matryoshka_dims": [16, 64]}, "packing": False,
             "max_tokens_per_forward": None}
     plain_loss, plain, tokens = first_step_gradients(config(tiny_qwen3_embedder, data_path, tmp_path / "a", **base))
     assert any(g.abs().max() > 0 for g in plain.values())
+    assert len(planned[-1]) == 1 and not packed and not chunked
     # The same float32 sums in other orders (train_workers/precision.py); the gradient compared as a
     # whole (one entry can be a sum that cancels). The loss reads similarities scaled by 1 / temperature
     # (20), which multiplies their rounding error.
     tolerance = reorder_rtol(torch.float32, transformer_terms(tokens, tiny_qwen3_embedder)) / 0.05
-    assert not packed and not chunked
-    for extra in ({"mini_batch_size": 3}, {"mini_batch_size": 5, "gradient_checkpointing": True},
-                  {"packing": True}, {"packing": True, "mini_batch_size": 5}, {"max_tokens_per_forward": 64}):
+    one_forward = 10**9
+    for extra, forward_cost in (({"mini_batch_size": 3}, one_forward),
+                                ({"mini_batch_size": 5, "gradient_checkpointing": True}, one_forward),
+                                ({"packing": True}, one_forward), ({"packing": True, "mini_batch_size": 5}, one_forward),
+                                ({"max_tokens_per_forward": 64}, one_forward), ({}, 0)):
+        monkeypatch.setattr(embedforge.train.chunking, "FORWARD_COST", forward_cost)
         packed.clear()
         chunked.clear()
+        planned.clear()
         loss, grads, _ = first_step_gradients(config(tiny_qwen3_embedder, data_path, tmp_path / "b",
                                                      **{**base, **extra}))
         assert bool(packed) == extra.get("packing", False)
         assert bool(chunked) == ("mini_batch_size" in extra or "max_tokens_per_forward" in extra)
+        if not extra:  # length groups forwarded one after the other, one backward
+            assert len(planned[-1]) > 1
         assert loss == pytest.approx(plain_loss, rel=tolerance)
         assert set(grads) == set(plain)
         assert relative_error(plain, grads) <= tolerance

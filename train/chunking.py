@@ -2,17 +2,25 @@
 however long its texts or however many negatives each row carries. A step whose texts exceed it is
 split into chunks and GradCache (train/gradcache.py) gives the gradients of the unsplit step.
 
-Tokens are counted as the padded forward computes them: texts x the longest text of the chunk.
+Tokens are counted as the padded forward computes them: texts x the longest text of the chunk. A
+padded step on real data with long-tailed lengths computes mostly padding when all its texts share
+one forward, so padded steps are cut into length groups that minimise the positions computed
+(`plan_padded_chunks`); when those groups together fit the budget they are forwarded one after the
+other with their graphs kept and one backward (no GradCache re-forward).
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 MIN_TOKENS = 1024  # below this a forward is slower than it is worth, whatever the memory
 MAX_TOKENS = 1 << 20
+# What one more forward costs, in token positions: a launch overhead that makes a chunk of a few short
+# texts not worth cutting off (kernel launches and per-layer bookkeeping; a few ms on CPU or GPU).
+FORWARD_COST = 256
 MEMORY_SHARE = 0.5  # of the memory available at start: weights' gradients, optimizer state and allocator slack take the rest
 
 
@@ -68,3 +76,46 @@ def plan_chunks(order: Sequence[int], lengths: Sequence[int], max_tokens: int | 
     if current:
         chunks.append(current)
     return chunks
+
+
+def padded_positions(chunks: Sequence[Sequence[int]], lengths: Sequence[int]) -> int:
+    """Positions the padded forwards of `chunks` compute: each chunk's texts x its longest text."""
+    return sum(len(c) * max(lengths[i] for i in c) for c in chunks if c)
+
+
+def plan_padded_chunks(order: Sequence[int], lengths: Sequence[int], max_tokens: int | None,
+                       max_texts: int | None, forward_cost: int | None = None) -> list[list[int]]:
+    """Consecutive runs of `order` (sorted by length, shortest first) that minimise the padded
+    positions computed plus `forward_cost` per forward, then cut to the budget as `plan_chunks` does.
+
+    Exact over the cut points between distinct lengths (an optimal partition never splits texts of
+    one length: moving them into the earlier chunk widens nothing and shortens the later one), by
+    dynamic programming over at most max_length distinct lengths."""
+    if not order:
+        return []
+    forward_cost = FORWARD_COST if forward_cost is None else forward_cost
+    widths: list[int] = []  # distinct lengths, ascending, and how many texts end at each
+    ends: list[int] = []
+    for position, i in enumerate(order):
+        if widths and lengths[i] == widths[-1]:
+            ends[-1] = position + 1
+        else:
+            if widths and lengths[i] < widths[-1]:
+                raise ValueError("order must be sorted by length")
+            widths.append(lengths[i])
+            ends.append(position + 1)
+    starts = np.array([0] + ends[:-1], dtype=np.int64)
+    best = np.zeros(len(widths) + 1, dtype=np.float64)  # best[g]: cost of the texts before group g
+    cut = np.zeros(len(widths), dtype=np.int64)
+    for g, (width, end) in enumerate(zip(widths, ends)):
+        costs = best[:g + 1] + (end - starts[:g + 1]) * float(width) + forward_cost
+        cut[g] = int(np.argmin(costs))
+        best[g + 1] = costs[cut[g]]
+    groups: list[list[int]] = []
+    g = len(widths) - 1
+    while g >= 0:
+        first = int(cut[g])
+        groups.append(list(order[starts[first]:ends[g]]))
+        g = first - 1
+    groups.reverse()
+    return [chunk for group in groups for chunk in plan_chunks(group, lengths, max_tokens, max_texts)]

@@ -178,8 +178,10 @@ class EmbeddingTask(TrainingTask):
                                   split=cfg.eval.split, batch_size=cfg.eval.batch_size)
 
     def step(self, run: StepRuntime, batch: Batch) -> StepResult:
-        from embedforge.packing import real_tokens
-        from embedforge.train.chunking import plan_chunks
+        from accelerate.utils import DistributedType
+
+        from embedforge.packing import choose_packing, real_tokens
+        from embedforge.train.chunking import padded_positions, plan_chunks, plan_padded_chunks
         from embedforge.train.distributed import gather_embedding_batch
         from embedforge.train.gradcache import gradcache_step
         from embedforge.train.losses import EmbeddingBatch, LossOutput, text_hashes
@@ -200,9 +202,16 @@ class EmbeddingTask(TrainingTask):
             rows = holder.token_ids(flat, instruction=texts.instructions + [None] * (len(flat) - n),
                                     max_length=cfg.max_length)
         truncated = {"truncated_texts": float(sum(len(r) >= cfg.max_length for r in rows))}
-        # Length-grouped chunks: texts sorted by token count, so each forward pads (or packs) as little as possible.
+        # Length-grouped chunks: texts sorted by token count, so each forward pads (or packs) as little as
+        # possible. Packed chunks waste nothing, so they are only cut to the budget; padded ones are cut
+        # where that saves more padding than a forward costs, and forwarded at once when they fit together.
         order = sorted(range(len(flat)), key=lambda i: (len(rows[i]), i))
-        chunks = plan_chunks(order, [len(r) for r in rows], self.max_tokens, cfg.mini_batch_size)
+        lengths = [len(r) for r in rows]
+        packs = choose_packing(cfg.packing, holder.model)[0]
+        # DeepSpeed and FSDP engines expect one forward per backward: they keep the plain greedy plan.
+        direct = run.accelerator.distributed_type not in (DistributedType.DEEPSPEED, DistributedType.FSDP)
+        plan = plan_padded_chunks if direct and not packs else plan_chunks
+        chunks = plan(order, lengths, self.max_tokens, cfg.mini_batch_size)
         features = [holder.batch([rows[i] for i in c], packing=cfg.packing) for c in chunks]
         tokens = sum(real_tokens(f) for f in features)
         inverse = torch.empty(len(flat), dtype=torch.long)
@@ -227,8 +236,10 @@ class EmbeddingTask(TrainingTask):
             run.check_finite(out.loss, batch)
             return LossOutput(out.loss * gathered.loss_scale, out.stats)
 
-        if len(features) == 1:  # the whole local batch fits one forward: no GradCache detour
-            out = loss_fn({"texts": holder.embed(features[0])})
+        at_once = direct and cfg.mini_batch_size is None and (
+            self.max_tokens is None or padded_positions(chunks, lengths) <= self.max_tokens)
+        if len(features) == 1 or at_once:  # the whole local batch fits in memory: no GradCache detour
+            out = loss_fn({"texts": torch.cat([holder.embed(f) for f in features])})
             run.accelerator.backward(out.loss)
             return out.loss.detach(), {**out.stats, **truncated}, tokens
         out = gradcache_step(holder.embed, {"texts": features}, loss_fn,
