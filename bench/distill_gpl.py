@@ -214,7 +214,7 @@ def evaluate_models(models: dict[str, str], real: str, out: Path, args) -> list[
         outcome = evaluate(EvalConfig(model=model, data=real, output=str(path), label=label, instruction="",
                                       batch_size=64, max_length=args.max_length, overwrite=True, baselines=baselines))
         paths[label] = path
-        by = {c.baseline: c for c in outcome.comparisons}
+        by = {b: outcome.versus(b) for b in ("base", "infonce") if outcome.versus(b) is not None}
         rows.append({
             "model": label, "queries": outcome.n_queries, "docs": outcome.n_docs,
             "ndcg_at_10": outcome.ndcg_at_10, "ci": outcome.intervals["ndcg_at_10"].model_dump(),

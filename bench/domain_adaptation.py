@@ -138,8 +138,8 @@ def evaluate_all(models: dict[str, str], sets: dict[str, str], out: Path, args) 
                                           batch_size=64, max_length=args.max_length, overwrite=True,
                                           baselines=against))
             paths[label] = str(path)
-            vs_base = outcome.comparisons[0] if outcome.comparisons else None
-            vs_pseudo = outcome.comparisons[1] if len(outcome.comparisons) > 1 else None
+            vs_base = outcome.versus("base")
+            vs_pseudo = outcome.versus(pseudo)
             rows.append({
                 "model": label, "set": set_name, "queries": outcome.n_queries, "docs": outcome.n_docs,
                 "ndcg_at_10": outcome.ndcg_at_10, "ci": outcome.intervals["ndcg_at_10"].model_dump(),
@@ -166,6 +166,8 @@ def markdown(report: dict) -> str:
         "nDCG@10 x 100 [95% bootstrap CI]; Δ: paired difference with the base on the same queries [95% CI], "
         "p: paired randomisation test; random: expected nDCG@10 of a random ranking."),
         "",
+        f"Command: `{report.get('command', 'python bench/domain_adaptation.py')}`; total {report['total_seconds'] / 60:.0f} min.",
+        "",
     ]
     for corpus, block in report["corpora"].items():
         lines += [f"## {corpus}", "", (f"LLM pairs kept {block['llm']['kept']} of {block['llm']['rows_in']} "
@@ -173,15 +175,19 @@ def markdown(report: dict) -> str:
                   f"train steps {block['llm']['steps']} / {block['pseudo']['steps']}; synthesis "
                   f"{block['synth_seconds']:.0f} s ({block['synth']['seconds_per_passage'] or 0:.2f} s/passage), "
                   f"schema-valid {block['synth']['schema_valid_rate']}, on topic {block['synth']['on_topic_rate']}."),
-                  "", "| model | eval set | queries | nDCG@10 [95% CI] | Δ vs base [95% CI] | p | random |",
-                  "|---|---|---|---|---|---|---|"]
+                  "", ("| model | eval set | queries | nDCG@10 [95% CI] | Δ vs base [95% CI] | p | "
+                       "Δ vs pseudo of the same kind [95% CI] | p | random |"),
+                  "|---|---|---|---|---|---|---|---|---|"]
         for row in block["rows"]:
             ci = row["ci"]
             delta = "" if row["delta"] is None else (f"{100 * row['delta']:+.2f} [{100 * row['delta_ci'][0]:+.2f}, "
                                                      f"{100 * row['delta_ci'][1]:+.2f}]")
             p = "" if row["p"] is None else f"{row['p']:.4f}"
+            v = row.get("vs_pseudo")
+            vs = ("| | |" if not v else f"| {100 * v['delta']:+.2f} [{100 * v['ci'][0]:+.2f}, {100 * v['ci'][1]:+.2f}] "
+                  f"| {v['p']:.4f} |")
             lines.append(f"| {row['model']} | {row['set']} | {row['queries']} | {100 * row['ndcg_at_10']:.2f} "
-                         f"[{100 * ci['low']:.2f}, {100 * ci['high']:.2f}] | {delta} | {p} | "
+                         f"[{100 * ci['low']:.2f}, {100 * ci['high']:.2f}] | {delta} | {p} {vs} "
                          f"{100 * (row['random'] or 0):.2f} |")
         lines += ["", block["verdict"], ""]
     return "\n".join(lines) + "\n"
@@ -263,6 +269,7 @@ def main() -> int:
             "rows": rows, "verdict": verdict(rows, name),
         }
     report["total_seconds"] = time.time() - started
+    report["command"] = "python bench/domain_adaptation.py " + " ".join(sys.argv[1:])
     results = Path(args.results_dir)
     results.mkdir(parents=True, exist_ok=True)
     (results / "domain_adaptation.json").write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")

@@ -45,6 +45,10 @@ class EvalOutcome(StageOutcome):
     comparisons: list[Comparison] = Field(default_factory=list)
     mteb: dict[str, float] = Field(default_factory=dict, description="mteb task -> main score")
 
+    def versus(self, baseline: str, metric: str = HEADLINE) -> Comparison | None:
+        """The paired comparison with the baseline labelled `baseline` on `metric` (one per metric)."""
+        return next((c for c in self.comparisons if c.baseline == baseline and c.metric == metric), None)
+
     def summary(self) -> str:
         """One line: headline score [interval], each comparison, queries, random baseline."""
         if self.ndcg_at_10 is None:

@@ -110,6 +110,10 @@ def test_provenance_is_read_from_the_model_and_extended(runs, model_dir):
     assert record["metrics"] == full.scores and "per_query" not in record
     assert record["intervals"]["ndcg_at_10"]["low"] == full.intervals["ndcg_at_10"].low
     assert record["comparisons"][0]["baseline"] == "base"
+    # one comparison per metric; `versus` picks the asked one, and nothing for a label never compared with
+    mrr = full.versus("base", "mrr_at_10")
+    assert full.versus("base") == full.comparisons[0] and full.versus("base").metric == "ndcg_at_10"
+    assert mrr.metric == "mrr_at_10" and mrr.baseline == "base" and full.versus("other") is None
 
 
 @pytest.mark.slow
