@@ -40,7 +40,7 @@ from embedforge.outcome import StageOutcome
 from embedforge.train import checkpoint as ckpt
 from embedforge.train.config import TrainConfig
 from embedforge.train.health import CollapseGuard
-from embedforge.train.memory import memory_record
+from embedforge.train.memory import memory_record, steady_cpu_allocator
 from embedforge.train.sampler import Batch, MixingSampler
 from embedforge.train.sources import load_sources
 from embedforge.train.task import make_task
@@ -222,8 +222,12 @@ class Trainer:
         self.sources, self.reports = load_sources(self.cfg.data, self.inline_data)
 
         set_seed(self.cfg.seed)  # the same LoRA initialisation on every process and every attempt
+        allocator = steady_cpu_allocator() if acc.device.type == "cpu" else None
         self.holder = self.task.load(self.cfg, acc.device)
         self._resolve_defaults(world)
+        if allocator:
+            self.decisions.append(allocator)
+            logger.info("memory: %s", allocator)
         cfg = self.cfg
         self.task.prepare(cfg, self.holder)
         self.local_batch = cfg.batch_size // world
