@@ -6,8 +6,8 @@ the kernel's high-water mark); CUDA, the peak allocation since the previous reco
 On CPU, glibc's malloc raises its mmap threshold each time a large mapped block is freed, so after a
 few steps the activations of a step (tensors of many shapes) come from the heap, which the process
 keeps and fragments: resident memory crept by hundreds of MB over 80 steps of all-MiniLM-L6-v2.
-`steady_cpu_allocator` fixes the threshold (blocks of 1 MiB and more are mapped and returned on free),
-which halved that growth at the same step time (bench/results/train_long_tail.md).
+`steady_cpu_allocator` fixes the threshold (blocks of 1 MiB and more are mapped and returned on free):
+less creep at the same step time (bench/train_memory.py, bench/results/train_memory.md).
 """
 
 from __future__ import annotations
