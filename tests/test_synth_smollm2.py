@@ -167,13 +167,13 @@ def test_transformers_serve_killed_mid_run_then_resumed(tmp_path, smollm2):
     out = tmp_path / "out"
     pairs_path = out / "pairs-00000-of-00001.jsonl"
 
-    def backend(url):
+    def backend(url, retries=1):
         return OpenAIHTTPBackend(
             str(smollm2),
             url,
             concurrency=2,
             timeout_s=120,
-            max_retries=1,
+            max_retries=retries,
             backoff_base_s=0.2,
             backoff_max_s=0.5,
             api_key_env=None,
@@ -207,7 +207,8 @@ def test_transformers_serve_killed_mid_run_then_resumed(tmp_path, smollm2):
     with LocalServer(
         transformers_serve_command(smollm2, "127.0.0.1", port), port, log_path=tmp_path / "s2.log"
     ) as s2:
-        second_run = SynthesisRun(config, backend(s2.base_url), out, retriever)
+        # retries: a loaded CI machine can time a CPU generation out; the resume is what is tested here
+        second_run = SynthesisRun(config, backend(s2.base_url, retries=3), out, retriever)
         second = second_run.run(passages)
     assert second.status == "complete" and second.pending == 0
     # the requests carried response_format json_schema and the server took them (it ignores the field)
