@@ -38,6 +38,11 @@ BENCHMARKS = {
     "domain-adaptation": ("domain_adaptation.py", "base model and first-sentence pseudo-queries",
                           ["--passages", "12", "--steps", "3", "--corpora", "python-docstrings"]),
     "distill-gpl": ("distill_gpl.py", "InfoNCE alone", ["--passages", "12", "--steps", "3"]),
+    "train-long-tail": ("train_long_tail.py", "sentence-transformers MNRL, same batches",
+                        ["--models", "tiny", "--steps", "1", "--repeats", "1", "--batch-size", "8",
+                         "--results-dir", "/tmp/embedforge-bench-quick"]),
+    "train-memory": ("train_memory.py", "the trainer without the allocator fix",
+                     ["--steps", "3", "--pairs", "200", "--results-dir", "/tmp/embedforge-bench-quick"]),
 }
 
 
