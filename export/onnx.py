@@ -6,7 +6,9 @@ The graph maps (input_ids, attention_mask) to `last_hidden_state`; pooling and n
 outside it, in `1_Pooling` / `2_Normalize`, exactly as for the PyTorch weights, so every runtime
 that pools a transformer's output pools this one alike. The TorchScript exporter is used: on
 transformers' masked attention the dynamo exporter specialises the mask to the trace's shapes and
-returns wrong vectors for other batches.
+returns wrong vectors for other batches. The traced attention is transformers' eager one: the SDPA
+path traces to a decomposition with a NaN guard per layer that onnxruntime ran at 0.67x PyTorch's
+speed (MiniLM, 2 threads), the eager one to plain MatMul / Softmax.
 
 Each file passes a parity gate before it is kept: vectors built from onnxruntime's output (pooled
 and normalised as `Embedder` does) against `Embedder.encode` on the export's probe texts.
@@ -28,6 +30,7 @@ import torch.nn.functional as F
 
 from embedforge.errors import ConfigError
 from embedforge.export.gate import PROBE_DOCUMENTS, PROBE_QUERIES, Check, close, default_tolerance
+from embedforge.export.onnx_int8 import INT8_STEPS
 
 if TYPE_CHECKING:
     from embedforge.embedder import Embedder
@@ -35,9 +38,10 @@ if TYPE_CHECKING:
 FOLDER = "onnx"
 FILES = {"fp32": "model.onnx", "int8": "model_qint8.onnx"}
 OPSET = 17
-INT8_STEPS = 127  # signed int8: the largest magnitude maps to 127 quantization steps
-QUANTIZED_OPS = ("MatMulNBits",)
+QUANTIZED_OPS = ("MatMulInteger",)
 MAX_PROTOBUF_BYTES = 2**31 - 1
+QUANTIZATION = ("int8 products (MatMulInteger): weights int8 per output column, activations int8 per token "
+                "(dynamic), SmoothQuant channel scales (alpha 0.5); embeddings, norms and attention float")
 
 
 @dataclass
@@ -89,45 +93,36 @@ def write_fp32(embedder: Embedder, path: Path) -> None:
             "last_hidden_state": {0: "batch", 1: "sequence"}}
     import warnings
 
-    with torch.no_grad(), warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes, reviewed in the tests
-        torch.onnx.export(_LastHiddenState(backbone).eval(), inputs, str(path), input_names=["input_ids", "attention_mask"],
-                          output_names=["last_hidden_state"], dynamic_axes=axes, opset_version=OPSET, dynamo=False)
-
-
-def write_int8(source: Path, path: Path) -> int:
-    """int8 weights in blocks of 32 (symmetric, `MatMulNBits`), products computed with int8 kernels on
-    activations quantized per row and block (accuracy level 4); returns the number of quantized products.
-
-    onnxruntime's `quantize_dynamic` was tried first and rejected: it quantizes activations with one
-    scale per tensor, i.e. per batch, so a text's vector depended on which texts shared its batch
-    (SmolLM2: cosine 0.47 to float for a short text padded beside long ones, 0.99 alone). Per-row
-    scales keep every text's vector independent of its batch.
-    """
-    import logging
-
-    import onnx
-    from onnxruntime.quantization.matmul_nbits_quantizer import MatMulNBitsQuantizer
-
-    log = logging.getLogger("onnxruntime.quantization.matmul_nbits_quantizer")
-    level = log.level
-    log.setLevel(logging.WARNING)  # it logs every node it skips at INFO
+    attention = backbone.config._attn_implementation
+    backbone.set_attn_implementation("eager")
     try:
-        quantizer = MatMulNBitsQuantizer(onnx.load(str(source)), bits=8, block_size=32, is_symmetric=True,
-                                         accuracy_level=4)
-        quantizer.process()
+        with torch.no_grad(), warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes, reviewed in the tests
+            torch.onnx.export(_LastHiddenState(backbone).eval(), inputs, str(path),
+                              input_names=["input_ids", "attention_mask"], output_names=["last_hidden_state"],
+                              dynamic_axes=axes, opset_version=OPSET, dynamo=False)
     finally:
-        log.setLevel(level)
-    quantizer.model.save_model_to_file(str(path), False)
-    graph = onnx.load(str(path), load_external_data=False).graph
-    return sum(node.op_type in QUANTIZED_OPS for node in graph.node)
+        backbone.set_attn_implementation(attention)
+
+
+def write_int8(embedder: Embedder, source: Path, path: Path) -> int:
+    """The int8 graph of `source` (per-token int8 products, SmoothQuant scales calibrated on texts the gate
+    does not use; export/onnx_int8.py); returns the number of quantized products."""
+    from embedforge.export.onnx_int8 import CALIBRATION_TEXTS, quantize_graph
+
+    calibration = []
+    for text in CALIBRATION_TEXTS:
+        features = embedder.tokenize([text])
+        calibration.append({"input_ids": features["input_ids"].numpy(),
+                            "attention_mask": features["attention_mask"].numpy()})
+    return quantize_graph(source, path, calibration)
 
 
 def int8_tolerance(quantized_products: int) -> float:
     """Bound on max |diff| of unit vectors after int8 quantization of weights and activations.
 
-    Each quantized product rounds both operands to 1/127 of a block's range, a relative error of at
-    most about 2/127 on its output; independent errors of n products on the path add in quadrature, so the
+    Each quantized product rounds both operands to 1/127 of a row's (activation) or column's (weight)
+    range, a relative error of at most about 2/127 on its output; independent errors of n products on the path add in quadrature, so the
     output vector moves by at most ~2 sqrt(n) / 127 of its norm, and no coordinate of a unit vector
     moves by more than the whole vector's error.
     """
@@ -193,16 +188,14 @@ def export_onnx(embedder: Embedder, folder: Path, precisions: list[str]) -> Extr
             result.files.append(f"{FOLDER}/{FILES['fp32']}")
         if "int8" in precisions:
             int8 = out / FILES["int8"]
-            products = write_int8(fp32, int8)
+            products = write_int8(embedder, fp32, int8)
             tolerance = int8_tolerance(products)
             check, facts = parity("onnx_int8_parity", both_ways(int8, embedder, texts), np.concatenate([want, want]),
                                   tolerance, f"onnxruntime(onnx/model_qint8.onnx, {products} int8 products) vs "
                                   "Embedder.encode, batched and one by one")
             result.checks.append(check)
             result.facts["int8"] = {"file": f"{FOLDER}/{FILES['int8']}", "bytes": int8.stat().st_size,
-                                    "quantization": "int8 weights in blocks of 32 (symmetric) and int8 products on "
-                                                    "activations quantized per row and block (onnxruntime "
-                                                    "MatMulNBits, accuracy level 4); embeddings and norms float",
+                                    "quantization": QUANTIZATION,
                                     "quantized_products": products, **facts}
             result.files.append(f"{FOLDER}/{FILES['int8']}")
     finally:
