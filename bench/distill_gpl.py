@@ -46,7 +46,7 @@ import numpy as np
 import torch
 
 HERE = Path(__file__).parent
-RESULTS = HERE / "results"
+RESULTS = Path(os.environ.get("EMBEDFORGE_BENCH_RESULTS") or HERE / "results")
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 

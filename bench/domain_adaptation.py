@@ -36,7 +36,7 @@ from pathlib import Path
 import torch
 
 HERE = Path(__file__).parent
-RESULTS = HERE / "results"
+RESULTS = Path(os.environ.get("EMBEDFORGE_BENCH_RESULTS") or HERE / "results")
 sys.path.insert(0, str(HERE.parent))
 
 CORPORA = ("python-docstrings", "debian-packages")

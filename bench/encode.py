@@ -33,7 +33,7 @@ import time
 import warnings
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("EMBEDFORGE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 IMPLS = ("padded", "packed", "sentence-transformers")
 
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 import platform
 import tempfile
 import time
@@ -33,7 +34,7 @@ from embedforge.eval.real_data import stdlib_code_search
 from embedforge.eval.retrieval import evaluate_retrieval
 from embedforge.offline_models import minilm_folder
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("EMBEDFORGE_BENCH_RESULTS") or Path(__file__).parent / "results")
 SHOWN = ("ndcg_at_1", "ndcg_at_10", "ndcg_at_100", "map_at_10", "mrr_at_10", "recall_at_10", "recall_at_100",
          "precision_at_1")
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import tempfile
 import time
@@ -38,7 +39,7 @@ from embedforge.eval.retrieval import evaluate_retrieval
 from embedforge.eval.tasks import evaluate_bitext
 from embedforge.offline_models import minilm_folder, smollm2_folder
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("EMBEDFORGE_BENCH_RESULTS") or Path(__file__).parent / "results")
 SMOLLM2_NOTE = (
     "SmolLM2 is a chat LLM used untrained as a last-token embedder: near-chance scores are expected "
     "(R@100 by chance = 100 / docs); it shows the decoder path end to end (instruction on queries, EOS "

@@ -4,11 +4,13 @@ One `embedforge export --onnx fp32 int8` of the model, then the same texts encod
 this process, alternating repeats: `Embedder.encode` (PyTorch, the peer), onnxruntime on
 `onnx/model.onnx` and on `onnx/model_qint8.onnx` (same tokenization, same length-sorted batches,
 last-token or mean pooling and L2 normalisation done as `Embedder` does). Reports file sizes,
-texts per second, and max |diff| / min cosine of the vectors against PyTorch's.
+texts per second, and max |diff| / min cosine of the vectors against PyTorch's, and what the
+differences do to retrieval: nDCG@10 on real queries (the first line of a stdlib docstring searching
+for its body) over `--queries` of them, 95% bootstrap CI, paired randomisation test against PyTorch.
 Writes bench/results/export_onnx.json and .md.
 
     python bench/export_onnx.py                   # SmolLM2-135M-Instruct, 256 texts, 3 repeats
-    python bench/export_onnx.py --model tiny --texts 32 --repeats 1   # smoke run
+    python bench/export_onnx.py --model tiny --texts 32 --repeats 1 --queries 100   # smoke run
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from encode import corpus  # bench/encode.py: the same texts as the encode bench
 
 from embedforge import Embedder, __version__
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("EMBEDFORGE_BENCH_RESULTS") or Path(__file__).parent / "results")
 
 
 def model_folder(name: str, scratch: Path) -> str:
@@ -72,6 +74,38 @@ class OnnxEncoder:
         return out
 
 
+def retrieval_quality(encoders: dict, embedder: Embedder, n_queries: int, batch_size: int) -> dict:
+    """nDCG@10 x 100 per format on `n_queries` real docstring queries (evenly spread) over their passages."""
+    from embedforge.builtin_data import python_docstrings
+    from embedforge.eval.metrics import ndcg_at_k
+    from embedforge.eval.random_ranking import expected_ndcg
+    from embedforge.eval.stats import bootstrap_ci, paired_randomisation_test
+
+    data = python_docstrings().real_queries
+    ids = sorted(data.queries)
+    ids = [ids[int(i * len(ids) / n_queries)] for i in range(min(n_queries, len(ids)))]
+    doc_ids = sorted({d for q in ids for d in data.qrels[q]})
+    prompt = embedder.spec.prompts.get("query") or ""
+    queries = [prompt + data.queries[q] for q in ids]
+    documents = [data.corpus[d] for d in doc_ids]
+    scores = {}
+    for name, encode in encoders.items():
+        q, d = encode(queries, batch_size), encode(documents, batch_size)
+        ranked = np.argsort(-(q @ d.T), axis=1)[:, :10]
+        scores[name] = np.array([100 * ndcg_at_k([doc_ids[j] for j in row], data.qrels[qid], 10)
+                                 for qid, row in zip(ids, ranked)])
+    random = 100 * float(np.mean([expected_ndcg(data.qrels[q], len(doc_ids), 10) for q in ids]))
+    out = {"queries": len(ids), "passages": len(doc_ids), "random_ndcg_at_10": round(random, 2), "formats": {}}
+    for name, values in scores.items():
+        low, high = bootstrap_ci(values)
+        row = {"ndcg_at_10": round(float(values.mean()), 2), "ci95": [round(low, 2), round(high, 2)]}
+        if name != "pytorch":
+            row["vs_pytorch"] = round(float((values - scores["pytorch"]).mean()), 2)
+            row["p_value"] = round(paired_randomisation_test(values, scores["pytorch"]), 4)
+        out["formats"][name] = row
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="smollm2 | minilm | tiny | a model folder")
@@ -79,6 +113,7 @@ def main() -> int:
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--queries", type=int, default=988, help="real queries for the retrieval check (0: none)")
     parser.add_argument("--output", default=str(RESULTS / "export_onnx"), help="results path without suffix")
     parser.add_argument("--note", default="", help="a line stored with the results (e.g. the machine was busy)")
     args = parser.parse_args()
@@ -112,6 +147,9 @@ def main() -> int:
         sizes = {"pytorch": (folder / "model.safetensors").stat().st_size,
                  "onnx fp32": (folder / "onnx" / "model.onnx").stat().st_size,
                  "onnx int8": (folder / "onnx" / "model_qint8.onnx").stat().st_size}
+        encoders = {"pytorch": lambda t, b: embedder.encode(t, batch_size=b), "onnx fp32": fp32.encode,
+                    "onnx int8": int8.encode}
+        quality = retrieval_quality(encoders, embedder, args.queries, args.batch_size) if args.queries else None
         int8_facts = json.loads((folder / "export_report.json").read_text())["facts"]["onnx"]["int8"]
 
     base = statistics.median(seconds["pytorch"])
@@ -133,7 +171,7 @@ def main() -> int:
         "torch": torch.__version__, "onnxruntime": __import__("onnxruntime").__version__,
         "export_seconds": round(export_seconds, 1), "int8": {k: int8_facts[k] for k in ("quantization",
                                                                                         "quantized_products")},
-        "rows": rows, "gate": [c for c in outcome.checks if c["name"].startswith("onnx")], "note": args.note,
+        "rows": rows, "retrieval": quality, "gate": [c for c in outcome.checks if c["name"].startswith("onnx")], "note": args.note,
     }
     out = Path(args.output)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -147,6 +185,14 @@ def main() -> int:
         lines[2:2] = [f"Note: {args.note}", ""]
     lines += [f"| {r['format']} | {r['file_mb']} | {r['size_vs_pytorch']:.2f}x | {r['texts_per_s']} | "
               f"{r['speed_vs_pytorch']:.2f}x | {r['max_abs_diff']:.2e} | {r['min_cosine']:.5f} |" for r in rows]
+    if quality:
+        lines += ["", (f"Retrieval on {quality['queries']} real queries (stdlib docstring first line -> its body) over "
+                      f"{quality['passages']} passages; nDCG@10 x 100, 95% bootstrap CI, paired randomisation test "
+                      f"against PyTorch; random ranking {quality['random_ndcg_at_10']}."), "",
+                  "| format | nDCG@10 | 95% CI | vs PyTorch | p |", "|---|---:|---:|---:|---:|"]
+        for name, row in quality["formats"].items():
+            lines.append(f"| {name} | {row['ndcg_at_10']:.2f} | [{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}] | "
+                         f"{row.get('vs_pytorch', 0):+.2f} | {row.get('p_value', '-')} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return 0

@@ -261,7 +261,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--model", choices=("tiny", "minilm"), default="tiny")
     parser.add_argument("--skip-peer", action="store_true")
-    parser.add_argument("--results", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--results", default=os.environ.get("EMBEDFORGE_BENCH_RESULTS") or str(Path(__file__).parent / "results"))
     parser.add_argument("--worker", choices=("ours", "peer"), help=argparse.SUPPRESS)
     parser.add_argument("--data", help=argparse.SUPPRESS)
     parser.add_argument("--work", help=argparse.SUPPRESS)

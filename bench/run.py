@@ -3,12 +3,14 @@ runs the one-shot GPU check (bench/gpu.sh).
 
 Each benchmark is its own script (run alone for its full options) and writes JSON + markdown into
 bench/results/, each result a ratio against the peer a user would otherwise pick, measured in the
-same run, with the device named. CPU and GPU results go to separate files.
+same run, with the device named. CPU and GPU results go to separate files. `--quick` runs write to
+/tmp/embedforge-bench-quick instead, so a smoke run never replaces a reported result.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import subprocess
 import sys
 import time
@@ -16,6 +18,7 @@ from pathlib import Path
 
 HERE = Path(__file__).parent
 
+QUICK_RESULTS = "/tmp/embedforge-bench-quick"  # where --quick runs write (every bench reads EMBEDFORGE_BENCH_RESULTS)
 # name: (script, peer, quick arguments for a smoke run)
 BENCHMARKS = {
     "encode": ("encode.py", "sentence-transformers encode", ["--texts", "128", "--repeats", "1"]),
@@ -29,7 +32,7 @@ BENCHMARKS = {
                                                                           "--docs", "200"]),
     "eval-mteb": ("eval_mteb.py", "sentence-transformers through mteb", ["--queries", "50", "--docs", "200"]),
     "export-onnx": ("export_onnx.py", "sentence-transformers encode (torch)", ["--model", "tiny", "--texts", "32",
-                                                                              "--repeats", "1"]),
+                                                                              "--repeats", "1", "--queries", "100"]),
     "train-decoder": ("train_decoder_vs_st.py", "sentence-transformers MNRL on SmolLM2", ["--steps", "4",
                                                                                         "--batch-size", "8",
                                                                                         "--test-docs", "400"]),
@@ -39,10 +42,9 @@ BENCHMARKS = {
                           ["--passages", "12", "--steps", "3", "--corpora", "python-docstrings"]),
     "distill-gpl": ("distill_gpl.py", "InfoNCE alone", ["--passages", "12", "--steps", "3"]),
     "train-long-tail": ("train_long_tail.py", "sentence-transformers MNRL, same batches",
-                        ["--models", "tiny", "--steps", "1", "--repeats", "1", "--batch-size", "8",
-                         "--results-dir", "/tmp/embedforge-bench-quick"]),
+                        ["--models", "tiny", "--steps", "1", "--repeats", "1", "--batch-size", "8"]),
     "train-memory": ("train_memory.py", "the trainer without the allocator fix",
-                     ["--steps", "3", "--pairs", "200", "--results-dir", "/tmp/embedforge-bench-quick"]),
+                     ["--steps", "3", "--pairs", "200"]),
 }
 
 
@@ -64,9 +66,12 @@ def main() -> int:
     for name in args.names or list(BENCHMARKS):
         script, peer, quick = BENCHMARKS[name]
         cmd = [sys.executable, str(HERE / script), *(quick if args.quick else [])]
+        env = dict(os.environ)
+        if args.quick:  # smoke runs must not overwrite the reported results
+            env["EMBEDFORGE_BENCH_RESULTS"] = QUICK_RESULTS
         print(f"== {name}: {script} (peer: {peer})", flush=True)
         start = time.time()
-        if subprocess.run(cmd, check=False).returncode != 0:
+        if subprocess.run(cmd, check=False, env=env).returncode != 0:
             failed.append(name)
         print(f"== {name}: {time.time() - start:.0f}s", flush=True)
     if failed:

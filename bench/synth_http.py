@@ -163,7 +163,7 @@ def main() -> None:
         action="store_true",
         help="start the server with --continuous-batching (results go to synth_http_cb.*)",
     )
-    parser.add_argument("--results", default=str(Path(__file__).parent / "results"))
+    parser.add_argument("--results", default=os.environ.get("EMBEDFORGE_BENCH_RESULTS") or str(Path(__file__).parent / "results"))
     args = parser.parse_args()
 
     from embedforge.data_synth.backends.local_server import LocalServer, free_port, transformers_serve_command

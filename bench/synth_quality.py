@@ -29,7 +29,7 @@ import resource
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).parent / "results"
+RESULTS = Path(os.environ.get("EMBEDFORGE_BENCH_RESULTS") or Path(__file__).parent / "results")
 WORDS_PER_PASSAGE = 80
 TOP_K = 10
 

@@ -31,7 +31,7 @@ import threading
 import time
 from pathlib import Path
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("EMBEDFORGE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 HELD_OUT_PACKAGES = ["asyncio", "email", "json", "logging", "http", "urllib", "xml", "concurrent", "importlib",
                      "unittest"]
 

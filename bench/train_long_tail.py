@@ -158,7 +158,7 @@ def main() -> int:
     parser.add_argument("--rows", type=int, default=512)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--results-dir", default=str(HERE / "results"))
+    parser.add_argument("--results-dir", default=os.environ.get("EMBEDFORGE_BENCH_RESULTS") or str(HERE / "results"))
     parser.add_argument("--name", default="train_long_tail", help="results file name, without suffix")
     parser.add_argument("--impl", help=argparse.SUPPRESS)
     parser.add_argument("--model", help=argparse.SUPPRESS)

@@ -97,7 +97,7 @@ def main() -> int:
     parser.add_argument("--pairs", type=int, default=2500)
     parser.add_argument("--method", default="lora", choices=["lora", "full"])
     parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--results-dir", default=str(HERE / "results"))
+    parser.add_argument("--results-dir", default=os.environ.get("EMBEDFORGE_BENCH_RESULTS") or str(HERE / "results"))
     parser.add_argument("--variant", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.variant:

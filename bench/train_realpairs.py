@@ -19,7 +19,7 @@ from typing import Any
 
 import numpy as np
 
-RESULTS = Path(__file__).resolve().parent / "results"
+RESULTS = Path(os.environ.get("EMBEDFORGE_BENCH_RESULTS") or Path(__file__).resolve().parent / "results")
 
 
 def gettext_pairs(n_train: int, n_test: int, n_docs: int, seed: int = 0):
