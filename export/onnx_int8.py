@@ -116,6 +116,13 @@ def quantize_graph(source: Path, path: Path, calibration: Sequence[dict[str, np.
     last = constant("int8/last_axis", np.array([-1], np.int64))
     first = constant("int8/first_axis", np.array([0], np.int64))
 
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+
+    def row_peak(q: str):  # ReduceMax took its axes as an attribute before opset 18, as an input since
+        if opset < 18:
+            return helper.make_node("ReduceMax", [q + "abs"], [q + "peak"], name=q + "peak", axes=[-1], keepdims=0)
+        return helper.make_node("ReduceMax", [q + "abs", last], [q + "peak"], name=q + "peak", keepdims=0)
+
     quantized: dict[str, str] = {}  # activation -> prefix of its quantized nodes (shared by Q, K and V)
     rewritten = []
     for position, node in enumerate(graph.node):
@@ -134,7 +141,7 @@ def quantize_graph(source: Path, path: Path, calibration: Sequence[dict[str, np.
                 helper.make_node("Concat", [last, q + "width"], [q + "rows_shape"], name=q + "rows_shape", axis=0),
                 helper.make_node("Reshape", [q + "x", q + "rows_shape"], [q + "rows"], name=q + "rows"),
                 helper.make_node("Abs", [q + "rows"], [q + "abs"], name=q + "abs"),
-                helper.make_node("ReduceMax", [q + "abs"], [q + "peak"], name=q + "peak", axes=[-1], keepdims=0),
+                row_peak(q),
                 helper.make_node("Max", [q + "peak", eps], [q + "peak_nonzero"], name=q + "peak_nonzero"),
                 helper.make_node("Div", [q + "peak_nonzero", steps], [q + "scale"], name=q + "scale"),
                 helper.make_node("Shape", [q + "scale"], [q + "tokens"], name=q + "tokens"),
