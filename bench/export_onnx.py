@@ -74,36 +74,53 @@ class OnnxEncoder:
         return out
 
 
+class FormatEncoder:
+    """One format's `encode(texts, batch_size)` seen as the encoder `evaluate_retrieval` drives; queries
+    arrive with the model's query prompt already written in."""
+
+    def __init__(self, encode):
+        self._encode = encode
+
+    def encode(self, texts, instruction=None, dim=None, batch_size=32, show_progress=False) -> np.ndarray:
+        return self._encode(list(texts), batch_size)
+
+
 def retrieval_quality(encoders: dict, embedder: Embedder, n_queries: int, batch_size: int) -> dict:
     """nDCG@10 x 100 per format on `n_queries` real docstring queries (evenly spread) over their passages."""
     from embedforge.builtin_data import python_docstrings
-    from embedforge.eval.metrics import ndcg_at_k
+    from embedforge.eval.beir import BeirData
     from embedforge.eval.random_ranking import expected_ndcg
-    from embedforge.eval.stats import bootstrap_ci, paired_randomisation_test
+    from embedforge.eval.retrieval import evaluate_retrieval
+    from embedforge.eval.stats import bootstrap_ci, paired_bootstrap_ci, paired_randomisation_test
 
     data = python_docstrings().real_queries
     ids = sorted(data.queries)
     ids = [ids[int(i * len(ids) / n_queries)] for i in range(min(n_queries, len(ids)))]
     doc_ids = sorted({d for q in ids for d in data.qrels[q]})
     prompt = embedder.spec.prompts.get("query") or ""
-    queries = [prompt + data.queries[q] for q in ids]
-    documents = [data.corpus[d] for d in doc_ids]
+    subset = BeirData({q: prompt + data.queries[q] for q in ids}, {d: data.corpus[d] for d in doc_ids},
+                      {q: data.qrels[q] for q in ids})
     scores = {}
     for name, encode in encoders.items():
-        q, d = encode(queries, batch_size), encode(documents, batch_size)
-        ranked = np.argsort(-(q @ d.T), axis=1)[:, :10]
-        scores[name] = np.array([100 * ndcg_at_k([doc_ids[j] for j in row], data.qrels[qid], 10)
-                                 for qid, row in zip(ids, ranked)])
+        run = evaluate_retrieval(FormatEncoder(encode), subset, instruction="", batch_size=batch_size, per_query=True)
+        scores[name] = np.array([100 * run["per_query"][q]["ndcg_at_10"] for q in ids])
     random = 100 * float(np.mean([expected_ndcg(data.qrels[q], len(doc_ids), 10) for q in ids]))
     out = {"queries": len(ids), "passages": len(doc_ids), "random_ndcg_at_10": round(random, 2), "formats": {}}
     for name, values in scores.items():
         low, high = bootstrap_ci(values)
         row = {"ndcg_at_10": round(float(values.mean()), 2), "ci95": [round(low, 2), round(high, 2)]}
         if name != "pytorch":
+            diff_low, diff_high = paired_bootstrap_ci(values, scores["pytorch"])
             row["vs_pytorch"] = round(float((values - scores["pytorch"]).mean()), 2)
+            row["vs_pytorch_ci95"] = [round(diff_low, 2), round(diff_high, 2)]
             row["p_value"] = round(paired_randomisation_test(values, scores["pytorch"]), 4)
         out["formats"][name] = row
     return out
+
+
+def diff_ci(row: dict) -> str:
+    low_high = row.get("vs_pytorch_ci95")
+    return f"[{low_high[0]:+.2f}, {low_high[1]:+.2f}] " if low_high else ""
 
 
 def main() -> int:
@@ -189,10 +206,10 @@ def main() -> int:
         lines += ["", (f"Retrieval on {quality['queries']} real queries (stdlib docstring first line -> its body) over "
                       f"{quality['passages']} passages; nDCG@10 x 100, 95% bootstrap CI, paired randomisation test "
                       f"against PyTorch; random ranking {quality['random_ndcg_at_10']}."), "",
-                  "| format | nDCG@10 | 95% CI | vs PyTorch | p |", "|---|---:|---:|---:|---:|"]
+                  "| format | nDCG@10 | 95% CI | vs PyTorch [95% CI] | p |", "|---|---:|---:|---:|---:|"]
         for name, row in quality["formats"].items():
             lines.append(f"| {name} | {row['ndcg_at_10']:.2f} | [{row['ci95'][0]:.2f}, {row['ci95'][1]:.2f}] | "
-                         f"{row.get('vs_pytorch', 0):+.2f} | {row.get('p_value', '-')} |")
+                         f"{row.get('vs_pytorch', 0):+.2f} {diff_ci(row)}| {row.get('p_value', '-')} |")
     out.with_suffix(".md").write_text("\n".join(lines) + "\n", encoding="utf-8")
     print("\n".join(lines))
     return 0

@@ -96,8 +96,8 @@ def quantize_graph(source: Path, path: Path, calibration: Sequence[dict[str, np.
 
     model = onnx.load(str(source))
     graph = model.graph
-    products = [graph.node[i] for i in weight_products(graph)]
     positions = set(weight_products(graph))
+    products = [graph.node[i] for i in sorted(positions)]
     weights = {init.name: init for init in graph.initializer}
     activations = sorted({node.input[0] for node in products})
     maxima = channel_maxima(model, calibration, activations)
