@@ -213,3 +213,28 @@ def test_a_killed_builders_temporary_is_removed_by_the_next_build(tmp_path):
     live.mkdir()
     assert (build_tiny_qwen3(tmp_path / "tiny") / "config.json").exists()
     assert not stale.exists() and live.exists()
+
+
+@pytest.mark.parametrize("offline", [True, False])
+def test_an_unreachable_hub_id_fails_within_seconds_naming_the_reason(offline, monkeypatch, tmp_path):
+    """Offline, a Hub id with no local folder and nothing cached fails at once saying so, whether
+    HF_HUB_OFFLINE says so or the Hub's host refuses the connection (here: an endpoint on a closed port)."""
+    import time
+
+    import huggingface_hub.constants
+
+    from embedforge import Embedder, modeling
+
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))  # an empty cache
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf" / "hub"))
+    monkeypatch.setattr(modeling, "_HUB_REACHABLE", None)
+    if offline:
+        monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    else:
+        monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+        monkeypatch.setattr(huggingface_hub.constants, "ENDPOINT", "https://127.0.0.1")  # port 443, closed here
+    started = time.monotonic()
+    with pytest.raises(ModelLoadError, match="cannot reach the Hugging Face Hub and no local folder named "
+                                             "Qwen/Qwen3-Embedding-0.6B"):
+        Embedder.from_pretrained("Qwen/Qwen3-Embedding-0.6B")
+    assert time.monotonic() - started < 10  # it once waited 61 s before a misleading error
